@@ -1,0 +1,62 @@
+"""Local days and months: spend caps roll over at the account's midnight, not UTC's."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta, timezone
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+DEFAULT_TIMEZONE = "Asia/Shanghai"
+
+
+@lru_cache(maxsize=1024)
+def zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def is_valid_timezone(name: str) -> bool:
+    if not isinstance(name, str) or not name or name not in _known_zones():
+        return False
+    try:
+        zone(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+@lru_cache(maxsize=1)
+def _known_zones() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def local_day(moment: datetime, tz: str) -> date:
+    return moment.astimezone(zone(tz)).date()
+
+
+def month_of(day: date) -> date:
+    return day.replace(day=1)
+
+
+def next_month(first: date) -> date:
+    return date(first.year + (first.month == 12), first.month % 12 + 1, 1)
+
+
+def local_midnight(day: date, tz: str) -> datetime:
+    """The instant (UTC) at which the local ``day`` begins (DST-safe)."""
+    return datetime.combine(day, time(0), zone(tz)).astimezone(timezone.utc)
+
+
+def day_resets_at(moment: datetime, tz: str) -> datetime:
+    return local_midnight(local_day(moment, tz) + timedelta(days=1), tz)
+
+
+def month_resets_at(moment: datetime, tz: str) -> datetime:
+    return local_midnight(next_month(month_of(local_day(moment, tz))), tz)
+
+
+def day_period(day: date) -> str:
+    return day.isoformat()
+
+
+def month_period(first: date) -> str:
+    return first.strftime("%Y-%m")
