@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     breach_topic: str = "tollhouse.breaches.v1"
     consumer_group: str = "tollhouse-metering"
     topic_partitions: int = Field(default=4, ge=1, le=10_000)
+    topic_replication_factor: int = Field(default=1, ge=1, le=16)
     kafka_idempotent_producer: bool = False
 
     # Limits: every queue, batch and body has one.

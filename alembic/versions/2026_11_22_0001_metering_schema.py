@@ -68,6 +68,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('dead_letter_id', name=op.f('pk_dead_letters'))
     )
     op.create_index('ix_dead_letters_reason', 'dead_letters', ['reason'], unique=False)
+    op.create_index('uq_dead_letters_message', 'dead_letters', ['topic', 'topic_partition', 'kafka_offset'], unique=True)
     op.create_table('ingest_stats',
     sa.Column('source', sa.String(length=256), nullable=False),
     sa.Column('received', sa.BigInteger(), server_default='0', nullable=False),
@@ -253,6 +254,7 @@ def downgrade() -> None:
     op.drop_table('ledger_entries')
     op.drop_table('key_spend')
     op.drop_table('ingest_stats')
+    op.drop_index('uq_dead_letters_message', table_name='dead_letters')
     op.drop_index('ix_dead_letters_reason', table_name='dead_letters')
     op.drop_table('dead_letters')
     op.drop_table('consumer_offsets')

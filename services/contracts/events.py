@@ -134,7 +134,8 @@ def decode_usage_event(
         text = str(exc)
         reason = Reason.MISSING_FIELD if "missing required field" in text else Reason.INVALID_FIELD
         raise InvalidEvent(reason, text) from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError (not DecodeError) for bad UTF-8 inside a string.
         raise InvalidEvent(Reason.INVALID_JSON, f"not valid UTF-8 JSON: {exc}") from exc
 
     if event.specversion != SPECVERSION:
@@ -189,16 +190,17 @@ def event_digest(event: UsageEvent, event_time: datetime) -> bytes:
     another digest is an id conflict.
     """
     d = event.data
-    canonical = "\x1f".join(
-        str(v)
-        for v in (
+    # A JSON array, not joined str(): strings stay quoted and null stays null, so no two
+    # different events share a canonical form (None vs "None", a separator inside a field).
+    canonical = msgspec.json.encode(
+        [
             event.id, event.source, event.type, event.subject, event_time.isoformat(),
             d.account_id, d.key_id, d.request_id, d.endpoint, d.model, d.kind, d.inputs,
             d.prompt_tokens, d.completion_tokens, d.total_tokens, d.cached_tokens,
             d.reasoning_tokens, d.usage_estimated, d.status, d.reservation_id,
-        )
+        ]
     )
-    return hashlib.blake2b(canonical.encode(), digest_size=16).digest()
+    return hashlib.blake2b(canonical, digest_size=16).digest()
 
 
 _encoder = msgspec.json.Encoder()

@@ -16,7 +16,8 @@ MONEY_PLACES = 9
 PRICE_PLACES = 3
 FRACTION_PLACES = 6
 
-_DECIMAL = re.compile(r"^(-)?(\d{1,15})(?:\.(\d+))?$")
+# ASCII digits only: in a str pattern \d also matches "١٢" or "１２", which int() would accept.
+_DECIMAL = re.compile(r"^(-)?([0-9]{1,15})(?:\.([0-9]+))?$")
 
 
 class MoneyFormatError(ValueError):

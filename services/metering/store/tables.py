@@ -254,7 +254,11 @@ class UsageDaily(Base):
 
 class DeadLetter(Base):
     __tablename__ = "dead_letters"
-    __table_args__ = (Index("ix_dead_letters_reason", "reason"),)
+    __table_args__ = (
+        Index("ix_dead_letters_reason", "reason"),
+        # One dead letter per Kafka message, however often it is redelivered.
+        Index("uq_dead_letters_message", "topic", "topic_partition", "kafka_offset", unique=True),
+    )
     dead_letter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     reason: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text)

@@ -1,0 +1,223 @@
+"""The metering consumer: a Kafka consumer group member on the usage topic.
+
+Exactly-once into PostgreSQL: offsets live in the database and move in the same
+transaction as the batch's ledger entries. On assignment the consumer seeks to the
+stored offsets; a batch that fails (or is fenced because a rebalance gave its partition
+to someone else) rolls back and the consumer seeks back to what the database says.
+Offsets are also committed to Kafka after the database commit, only so lag dashboards
+work; Kafka's copy is never read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timedelta, timezone
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from services.metering import metrics
+from services.metering.consumer.batch import BatchConfig, BatchOutcome, Record, process_batch
+from services.metering.store.ingest import Fenced, PriceCache, connect, stored_offset
+from services.settings import Settings
+
+log = structlog.get_logger("tollhouse.consumer")
+
+RETRY_MIN_SECONDS = 0.2
+RETRY_MAX_SECONDS = 10.0
+
+
+class _OffsetListener(ConsumerRebalanceListener):
+    def __init__(self, worker: "UsageConsumer") -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        # Let the batch in flight finish (its commit is fenced anyway), then forget them.
+        await self.worker.batch_idle.wait()
+        for tp in revoked:
+            self.worker.positions.pop(tp.partition, None)
+        if revoked:
+            log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.worker.seek_to_stored(assigned)
+        if assigned:
+            log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+
+
+class UsageConsumer:
+    def __init__(self, settings: Settings, database_url: str, *, client_id: str = "tollhouse-metering") -> None:
+        self.settings = settings
+        self.database_url = database_url
+        self.client_id = client_id
+        self.config = BatchConfig(
+            group=settings.consumer_group,
+            topic=settings.usage_topic,
+            dlq_topic=settings.dlq_topic,
+            breach_topic=settings.breach_topic,
+            max_event_bytes=settings.max_event_bytes,
+            max_future=timedelta(seconds=settings.max_event_future_seconds),
+        )
+        self.prices = PriceCache()
+        self.positions: dict[int, int] = {}  # partition → next offset the database holds
+        self.batch_idle = asyncio.Event()
+        self.batch_idle.set()
+        self.assigned = asyncio.Event()
+        self.totals = BatchOutcome()
+        self.on_commit: list = []  # callbacks(outcome) after each committed batch
+        self._consumer: AIOKafkaConsumer | None = None
+        self._conn: asyncpg.Connection | None = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await connect(self.database_url)
+        return self._conn
+
+    async def seek_to_stored(self, partitions: list[TopicPartition]) -> None:
+        assert self._consumer is not None
+        if not partitions:
+            return
+        beginnings = await self._consumer.beginning_offsets(partitions)
+        conn = await self._connection()
+        for tp in partitions:
+            offset = await stored_offset(conn, self.config.group, tp.topic, tp.partition, beginnings[tp])
+            self._consumer.seek(tp, offset)
+            self.positions[tp.partition] = offset
+        self.assigned.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=self.config.group,
+            client_id=self.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            rebalance_timeout_ms=30_000,
+        )
+        self._consumer = consumer
+        consumer.subscribe([self.config.topic], listener=_OffsetListener(self))
+        await consumer.start()
+        log.info("consumer_started", topic=self.config.topic, group=self.config.group)
+        delay = RETRY_MIN_SECONDS
+        try:
+            while not stop.is_set():
+                batch = await consumer.getmany(
+                    timeout_ms=self.settings.consumer_poll_ms, max_records=self.settings.consumer_batch_max
+                )
+                if not batch:
+                    continue
+                try:
+                    await self._book(batch)
+                    delay = RETRY_MIN_SECONDS
+                except Exception as exc:  # roll back to what the database holds and retry
+                    await self._rewind(batch)
+                    if isinstance(exc, Fenced):
+                        metrics.BATCHES_FENCED.inc()
+                        log.warning("batch_fenced", partition=exc.partition, expected=exc.expected)
+                    else:
+                        log.error("batch_failed", error=repr(exc), retry_in=delay)
+                        await _sleep_unless(stop, delay)
+                        delay = min(delay * 2, RETRY_MAX_SECONDS)
+        finally:
+            await consumer.stop()
+            if self._conn is not None and not self._conn.is_closed():
+                await self._conn.close()
+            log.info("consumer_stopped")
+
+    async def _book(self, batch: dict[TopicPartition, list]) -> None:
+        records: list[Record] = []
+        moves: dict[int, tuple[int, int]] = {}
+        for tp, messages in batch.items():
+            if tp.partition not in self.positions or not messages:
+                continue  # revoked while fetched
+            expected = self.positions[tp.partition]
+            fresh = [m for m in messages if m.offset >= expected]
+            if not fresh:
+                continue
+            records.extend(Record(tp.partition, m.offset, m.key, m.value) for m in fresh)
+            moves[tp.partition] = (expected, fresh[-1].offset + 1)
+        if not moves:
+            return
+        self.batch_idle.clear()
+        started = time.perf_counter()
+        try:
+            conn = await self._connection()
+            outcome = await process_batch(conn, records, moves, self.config, self.prices)
+        finally:
+            self.batch_idle.set()
+        committed_at = datetime.now(timezone.utc)
+        for partition, (_, new) in moves.items():
+            self.positions[partition] = new
+        self._observe(outcome, time.perf_counter() - started, committed_at)
+        await self._commit_to_kafka(moves)
+        for callback in self.on_commit:
+            callback(outcome)
+
+    async def _rewind(self, batch: dict[TopicPartition, list]) -> None:
+        """After a rollback, read again from the offsets the database holds."""
+        assert self._consumer is not None
+        try:
+            conn = await self._connection()
+            for tp in batch:
+                if tp in self._consumer.assignment():
+                    offset = await stored_offset(conn, self.config.group, tp.topic, tp.partition, 0)
+                    self.positions[tp.partition] = offset
+                    self._consumer.seek(tp, offset)
+        except Exception as exc:
+            if self._conn is not None:
+                self._conn.terminate()
+                self._conn = None
+            for tp in batch:
+                if tp.partition in self.positions and tp in self._consumer.assignment():
+                    self._consumer.seek(tp, self.positions[tp.partition])
+            log.error("rewind_failed", error=repr(exc))
+
+    async def _commit_to_kafka(self, moves: dict[int, tuple[int, int]]) -> None:
+        assert self._consumer is not None
+        offsets = {
+            TopicPartition(self.config.topic, p): OffsetAndMetadata(new, "")
+            for p, (_, new) in moves.items()
+        }
+        try:
+            await self._consumer.commit(offsets)
+        except Exception as exc:  # informational copy only; the database is the truth
+            log.debug("kafka_commit_skipped", error=repr(exc))
+
+    def _observe(self, outcome: BatchOutcome, seconds: float, committed_at: datetime) -> None:
+        t = self.totals
+        t.received += outcome.received
+        t.accepted += outcome.accepted
+        t.duplicates += outcome.duplicates
+        t.conflicts += outcome.conflicts
+        t.dead_lettered += outcome.dead_lettered
+        t.breaches += outcome.breaches
+        t.dead_letter_reasons.update(outcome.dead_letter_reasons)
+        metrics.EVENTS_CONSUMED.inc(outcome.received)
+        metrics.EVENTS_ACCEPTED.inc(outcome.accepted)
+        metrics.EVENTS_DUPLICATE.inc(outcome.duplicates)
+        metrics.EVENTS_CONFLICT.inc(outcome.conflicts)
+        for reason, n in outcome.dead_letter_reasons.items():
+            metrics.EVENTS_DEAD_LETTERED.labels(reason).inc(n)
+        for kind, n in outcome.breach_types.items():
+            metrics.BREACHES.labels(kind).inc(n)
+        metrics.BATCH_COMMIT_SECONDS.observe(seconds)
+        if outcome.event_times:
+            metrics.EVENT_TO_COMMIT_SECONDS.observe((committed_at - max(outcome.event_times)).total_seconds())
+        log.debug(
+            "batch_committed", received=outcome.received, accepted=outcome.accepted,
+            duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered, seconds=round(seconds, 4),
+        )
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except asyncio.TimeoutError:
+        pass

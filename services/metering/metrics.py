@@ -1,0 +1,25 @@
+"""Prometheus metrics of the metering service (served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_CONSUMED = Counter("tollhouse_events_consumed_total", "Usage messages read from Kafka")
+EVENTS_ACCEPTED = Counter("tollhouse_events_accepted_total", "Usage events booked into the ledger")
+EVENTS_DUPLICATE = Counter("tollhouse_events_duplicate_total", "Redelivered usage events skipped")
+EVENTS_CONFLICT = Counter("tollhouse_events_conflict_total", "Events quarantined for an id conflict")
+EVENTS_DEAD_LETTERED = Counter(
+    "tollhouse_events_dead_lettered_total", "Usage events dead-lettered", ["reason"]
+)
+BREACHES = Counter("tollhouse_breaches_total", "Breaches recorded", ["type"])
+BATCH_COMMIT_SECONDS = Histogram(
+    "tollhouse_batch_commit_seconds", "Time to book one consumer batch",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+EVENT_TO_COMMIT_SECONDS = Histogram(
+    "tollhouse_event_to_commit_seconds", "From the event's time to its ledger commit",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+CONSUMER_LAG = Gauge("tollhouse_consumer_lag", "Messages behind the partition end", ["partition"])
+BATCHES_FENCED = Counter("tollhouse_batches_fenced_total", "Batches rolled back: partition owned by another consumer")
+OUTBOX_PUBLISHED = Counter("tollhouse_outbox_published_total", "Outbox messages published", ["topic"])

@@ -1,0 +1,85 @@
+"""Wires the metering service: topics, consumer, outbox relay, expiry sweeper and the API.
+
+Everything is built here once and handed down (settings, database URL, engine), so tests
+can run any part with their own servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+
+from services.metering.consumer.expiry import run_expiry_sweeper
+from services.metering.consumer.relay import OutboxRelay
+from services.metering.consumer.topics import ensure_topics
+from services.metering.consumer.worker import UsageConsumer
+from services.settings import Settings
+
+log = structlog.get_logger("tollhouse.metering")
+
+
+async def run_metering(
+    settings: Settings,
+    database_url: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8081,
+    serve_api: bool = True,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop``): the batch in flight finishes, then all stops."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    if not settings.kafka_bootstrap_servers:
+        raise SystemExit("setting TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS: required to run the metering consumer")
+    created = await ensure_topics(
+        settings.kafka_bootstrap_servers,
+        [settings.usage_topic, settings.dlq_topic, settings.breach_topic],
+        settings.topic_partitions,
+        replication_factor=settings.topic_replication_factor,
+    )
+    if created:
+        log.info("topics_created", topics=created, partitions=settings.topic_partitions)
+
+    consumer = UsageConsumer(settings, database_url)
+    relay = OutboxRelay(settings, database_url)
+    consumer.on_commit.append(lambda outcome: relay.wake.set())
+    tasks = [
+        asyncio.create_task(consumer.run(stop), name="consumer"),
+        asyncio.create_task(relay.run(stop), name="outbox-relay"),
+        asyncio.create_task(run_expiry_sweeper(settings, database_url, stop), name="expiry-sweeper"),
+    ]
+    server = None
+    if serve_api:
+        import uvicorn
+
+        from services.metering.api.app import create_app
+        from services.metering.store.db import make_engine
+
+        engine = make_engine(database_url, pool_size=settings.db_pool_size)
+        app = create_app(settings, engine)
+        app.state.consumer = consumer
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+        )
+        server.install_signal_handlers = lambda: None  # signals are ours
+        tasks.append(asyncio.create_task(server.serve(), name="api"))
+    log.info("metering_started", api=f"http://{host}:{port}" if serve_api else None)
+    done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task.get_name() != "api" and task.exception() is not None and task in tasks:
+            log.error("task_failed", task=task.get_name(), error=repr(task.exception()))
+    stop.set()
+    if server is not None:
+        server.should_exit = True
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for task, result in zip(tasks, results):
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            log.error("task_failed", task=task.get_name(), error=repr(result))

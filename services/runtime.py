@@ -1,0 +1,35 @@
+"""Resolving where PostgreSQL and Kafka are: configured servers, or the embedded ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from services.local_services import start_embedded_postgres
+from services.settings import Settings
+
+EMBEDDED_DATABASE = "tollhouse"
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+def ensure_database(server_url: str, name: str) -> str:
+    """Create database ``name`` on the server if it is missing; return its URL."""
+    with psycopg.connect(with_database(server_url, "postgres"), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return with_database(server_url, name)
+
+
+def database_url(settings: Settings) -> str:
+    """``TOLLHOUSE_DATABASE_URL``, or the embedded server under ``data_dir`` (started if needed)."""
+    if settings.database_url:
+        return settings.database_url
+    server = start_embedded_postgres(Path(settings.data_dir) / "pg")
+    return ensure_database(server, EMBEDDED_DATABASE)
