@@ -1,0 +1,231 @@
+"""Exactly-once under faults: the consumer runs as a real process (``tollhouse metering
+--no-api``) and is killed with SIGKILL at several points of a run of tens of thousands of
+events; the whole topic is redelivered from offset 0; two consumers share a group and one
+leaves mid-run. After each, the ledger equals what was produced, to the nano-yuan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+
+from services.contracts.events import build_usage_event, encode_event
+from services.metering.store.ingest import IngestBatch, Fenced, connect, stored_offset
+from services.metering.store.projections import rebuild_projections, snapshot_projections
+from tests.support import seed
+from tests.support.kafka import consume_until, create_topics, metering_settings, produce
+
+NANO = 10**9
+START = datetime(2026, 10, 1, tzinfo=timezone.utc)
+INPUT_PRICE, OUTPUT_PRICE = 500, 1500  # nano-CNY per token (0.5 / 1.5 CNY per 1M tokens)
+
+
+def seed_world(url: str, accounts: int, keys_per_account: int) -> list[tuple[str, str]]:
+    seed.add_price(url, "m1", input_price=INPUT_PRICE, output_price=OUTPUT_PRICE)
+    keys = []
+    for a in range(accounts):
+        acc = f"acc_{a:03d}"
+        seed.create_account(url, acc, "Asia/Shanghai" if a % 2 else "Europe/Berlin")
+        seed.topup(url, acc, 5 * NANO, "initial")
+        for k in range(keys_per_account):
+            key = f"key_{a:03d}_{k:02d}"
+            seed.create_key(url, key, acc, "payg", daily_cap=NANO // 2 if k == 0 else 0)
+            keys.append((acc, key))
+    return keys
+
+
+def make_events(keys: list[tuple[str, str]], count: int, seed_value: int, prefix: str) -> tuple[list, int, int]:
+    rng = random.Random(seed_value)
+    messages, charge, tokens = [], 0, 0
+    for i in range(count):
+        acc, key = rng.choice(keys)
+        prompt, completion = rng.randint(1, 3000), rng.randint(0, 800)
+        event = build_usage_event(
+            account_id=acc, key_id=key, model="m1", prompt_tokens=prompt, completion_tokens=completion,
+            request_id=f"{prefix}-{i}", time=START + timedelta(seconds=30 * i), source="gateway/gw-1",
+        )
+        messages.append((acc.encode(), encode_event(event)))
+        charge += prompt * INPUT_PRICE + completion * OUTPUT_PRICE
+        tokens += prompt + completion
+    return messages, charge, tokens
+
+
+def consumer_process(settings, url: str, log_path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "TOLLHOUSE_DATABASE_URL": url,
+        "TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "TOLLHOUSE_USAGE_TOPIC": settings.usage_topic,
+        "TOLLHOUSE_DLQ_TOPIC": settings.dlq_topic,
+        "TOLLHOUSE_BREACH_TOPIC": settings.breach_topic,
+        "TOLLHOUSE_CONSUMER_GROUP": settings.consumer_group,
+        "TOLLHOUSE_TOPIC_PARTITIONS": str(settings.topic_partitions),
+        "TOLLHOUSE_CONSUMER_BATCH_MAX": "700",
+        "TOLLHOUSE_LOG_FORMAT": "json",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "metering", "--no-api"],
+        env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
+    )
+
+
+def ledger_count(url: str) -> int:
+    return seed.scalar(url, "SELECT count(*) FROM ledger_entries WHERE entry_type = 'usage'")
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def assert_ledger(url: str, count: int, charge: int, tokens: int) -> None:
+    assert seed.rows(
+        url,
+        "SELECT count(*), count(DISTINCT event_id), coalesce(sum(charge), 0), coalesce(sum(total_tokens), 0)"
+        " FROM ledger_entries WHERE entry_type = 'usage'",
+    )[0] == (count, count, charge, tokens)
+    assert seed.scalar(url, "SELECT count(*) FROM usage_events") == count
+    assert seed.scalar(url, "SELECT sum(charges_total) FROM account_balances") == charge
+    assert seed.scalar(url, "SELECT sum(charge) FROM usage_daily") == charge
+    live = snapshot_projections(url)
+    rebuild_projections(url)
+    assert snapshot_projections(url) == live
+
+
+@pytest.mark.slow
+async def test_kill_9_at_several_points_then_redelivery_from_zero(database_url, broker, topic_names, tmp_path) -> None:
+    url = database_url
+    keys = seed_world(url, accounts=40, keys_per_account=5)
+    settings = metering_settings(url, broker.bootstrap_servers, topic_names, topic_partitions=4)
+    await create_topics(settings)
+    total = 30_000
+    messages, charge, tokens = make_events(keys, total, 7, "kill")
+    await produce(broker.bootstrap_servers, settings.usage_topic, messages)
+
+    log = tmp_path / "consumer.log"
+    kills = 0
+    for threshold in (2_000, 9_000, 17_000, 24_000):
+        proc = consumer_process(settings, url, log)
+        try:
+            wait_for(lambda: ledger_count(url) >= threshold or proc.poll() is not None, 120, f"{threshold} entries")
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(random.Random(threshold).uniform(0, 0.3))  # land the kill anywhere in a batch
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        kills += 1
+        assert ledger_count(url) < total, "the run finished before the kill; raise the event count"
+    proc = consumer_process(settings, url, log)
+    try:
+        wait_for(lambda: ledger_count(url) >= total, 180, "the whole topic")
+        time.sleep(0.5)  # anything further would be a double booking
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+    assert kills == 4
+    assert_ledger(url, total, charge, tokens)
+    stored = seed.scalar(url, "SELECT sum(next_offset) FROM consumer_offsets WHERE group_id = %s", settings.consumer_group)
+    assert stored == total
+
+    # Redeliver the whole topic from offset 0 (a new group has no stored offsets).
+    replay = metering_settings(url, broker.bootstrap_servers, {**topic_names, "consumer_group": "replay-group"},
+                               topic_partitions=4)
+    consumer = await consume_until(replay, url, lambda c: c.totals.received >= total)
+    assert consumer.totals.duplicates == total
+    assert consumer.totals.accepted == 0
+    assert_ledger(url, total, charge, tokens)
+    assert seed.scalar(url, "SELECT sum(duplicates) FROM ingest_stats") == total
+
+
+@pytest.mark.slow
+async def test_two_consumers_in_one_group_one_leaves_mid_run(database_url, broker, topic_names, tmp_path) -> None:
+    url = database_url
+    keys = seed_world(url, accounts=30, keys_per_account=3)
+    settings = metering_settings(url, broker.bootstrap_servers, topic_names, topic_partitions=4)
+    await create_topics(settings)
+    total = 20_000
+    messages, charge, tokens = make_events(keys, total, 11, "pair")
+    await produce(broker.bootstrap_servers, settings.usage_topic, messages)
+
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = consumer_process(settings, url, log_a)
+    b = consumer_process(settings, url, log_b)
+    try:
+        wait_for(lambda: ledger_count(url) >= 6_000, 120, "progress with two consumers")
+        b.send_signal(signal.SIGTERM)  # b leaves the group; a takes over its partitions
+        assert b.wait(30) == 0, log_b.read_text()[-3000:]
+        wait_for(lambda: ledger_count(url) >= total, 180, "the whole topic")
+        time.sleep(0.5)
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+    assert ledger_count(url) == total
+    assert_ledger(url, total, charge, tokens)
+    assert "partitions_assigned" in log_b.read_text()  # b really took part
+    assert log_a.read_text().count("partitions_assigned") >= 2  # a took over after b left
+
+
+async def test_a_consumer_that_lost_its_partition_cannot_commit_over_the_new_owner(database_url) -> None:
+    old_owner, new_owner = await connect(database_url), await connect(database_url)
+    try:
+        assert await stored_offset(old_owner, "g", "t", 0, 0) == 0
+        async with IngestBatch(new_owner) as uow:  # the new owner books 0..50 first
+            await uow.advance_offsets("g", "t", {0: (0, 50)})
+        with pytest.raises(Fenced):
+            async with IngestBatch(old_owner) as uow:  # the old owner still believes in offset 0
+                await uow.advance_offsets("g", "t", {0: (0, 100)})
+        assert await stored_offset(old_owner, "g", "t", 0, 0) == 50
+    finally:
+        await old_owner.close()
+        await new_owner.close()
+
+
+async def test_concurrent_commits_on_one_partition_let_exactly_one_through(database_url) -> None:
+    conns = [await connect(database_url) for _ in range(2)]
+    await stored_offset(conns[0], "g", "t", 0, 0)
+
+    async def commit(conn, new: int) -> bool:
+        try:
+            async with IngestBatch(conn) as uow:
+                await uow.advance_offsets("g", "t", {0: (0, new)})
+                await asyncio.sleep(0.05)  # hold the row while the other one tries
+            return True
+        except Fenced:
+            return False
+
+    results = await asyncio.gather(commit(conns[0], 10), commit(conns[1], 20))
+    assert sorted(results) == [False, True]
+    winner = 10 if results[0] else 20
+    assert await stored_offset(conns[0], "g", "t", 0, 0) == winner
+    for conn in conns:
+        await conn.close()
+
+
+def test_offsets_table_only_moves_forward_in_the_consumer(database_url) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO consumer_offsets (group_id, topic, topic_partition, next_offset) VALUES ('g','t',0,5)")
+
+    async def go() -> None:
+        conn = await connect(database_url)
+        try:
+            with pytest.raises(AssertionError, match="forward"):
+                async with IngestBatch(conn) as uow:
+                    await uow.advance_offsets("g", "t", {0: (5, 4)})
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
