@@ -113,7 +113,10 @@ def parse_event_time(text: str) -> datetime:
         raise InvalidEvent(Reason.INVALID_TIME, f"time {text!r} is not an RFC 3339 timestamp") from exc
     if parsed.tzinfo is None:
         raise InvalidEvent(Reason.INVALID_TIME, f"time {text!r} has no UTC offset; add 'Z' or '+08:00'")
-    return parsed.astimezone(timezone.utc)
+    try:
+        return parsed.astimezone(timezone.utc)
+    except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+        raise InvalidEvent(Reason.INVALID_TIME, f"time {text!r} is out of the supported range") from exc
 
 
 def decode_usage_event(
@@ -137,6 +140,7 @@ def decode_usage_event(
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError (not DecodeError) for bad UTF-8 inside a string.
         raise InvalidEvent(Reason.INVALID_JSON, f"not valid UTF-8 JSON: {exc}") from exc
+    _refuse_nul_characters(event)
 
     if event.specversion != SPECVERSION:
         raise InvalidEvent(
@@ -181,6 +185,16 @@ def decode_usage_event(
             f"time {event.time} is more than {int(max_future.total_seconds())} s ahead of the metering clock",
         )
     return AcceptedEvent(event=event, event_time=event_time, digest=event_digest(event, event_time))
+
+
+def _refuse_nul_characters(event: UsageEvent) -> None:
+    """PostgreSQL text cannot hold U+0000: such an event could never be stored, so it is refused here
+    (as a dead letter) instead of failing its whole batch again and again."""
+    for prefix, struct in (("", event), ("data.", event.data)):
+        for name in struct.__struct_fields__:
+            value = getattr(struct, name)
+            if isinstance(value, str) and "\x00" in value:
+                raise InvalidEvent(Reason.INVALID_FIELD, f"{prefix}{name} contains a NUL character (U+0000)")
 
 
 def event_digest(event: UsageEvent, event_time: datetime) -> bytes:

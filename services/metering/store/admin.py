@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import and_, exists, func, insert, literal, select, text, tuple_, update
+from sqlalchemy import exists, insert, literal, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -228,6 +228,9 @@ class AdminStore:
         self._engine = engine
         self._clock = clock
 
+    def now(self) -> datetime:
+        return self._clock()
+
     # Accounts
 
     async def create_account(self, *, name: str, tier: str, timezone: str) -> AccountRecord:
@@ -265,15 +268,14 @@ class AdminStore:
             row.topups_total, row.charges_total, row.balance_depleted, package,
         )
 
-    async def _lock_account(self, conn: AsyncConnection, account_id: str) -> tuple[AccountState, str]:
-        """Take the account's balance row lock (as the consumer does); its state and tier."""
+    async def _lock_account(self, conn: AsyncConnection, account_id: str) -> AccountState:
+        """Take the account's balance row lock (as the consumer does) and read its state."""
         row = (
             await conn.execute(
                 select(
                     account_balances.c.balance,
                     account_balances.c.balance_depleted,
                     accounts.c.timezone,
-                    accounts.c.tier,
                 )
                 .select_from(account_balances.join(accounts))
                 .where(account_balances.c.account_id == account_id)
@@ -282,7 +284,7 @@ class AdminStore:
         ).first()
         if row is None:
             raise _account_not_found(account_id)
-        return AccountState(account_id, row.timezone, row.balance, row.balance_depleted), row.tier
+        return AccountState(account_id, row.timezone, row.balance, row.balance_depleted)
 
     # Top-ups
 
@@ -308,7 +310,7 @@ class AdminStore:
 
     async def _top_up_once(self, account_id: str, amount: int, reference: str) -> tuple[TopupRecord, bool]:
         async with self._engine.begin() as conn:
-            account, _ = await self._lock_account(conn, account_id)
+            account = await self._lock_account(conn, account_id)
             existing = await self._existing_topup(conn, account_id, reference)
             if existing is not None:
                 return _same_topup(existing, amount), False
@@ -375,7 +377,7 @@ class AdminStore:
         if tokens <= 0 or valid_until <= valid_from:
             raise ValueError("a package needs tokens and a validity window")
         async with self._engine.begin() as conn:
-            account, _ = await self._lock_account(conn, account_id)
+            account = await self._lock_account(conn, account_id)
             now = self._clock()
             active = await self._active_package(conn, account_id, now)
             if active is not None:
