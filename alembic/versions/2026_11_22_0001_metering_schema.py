@@ -229,6 +229,10 @@ def upgrade() -> None:
     )
     # ### end Alembic commands ###
     _append_only_guard()
+    # Projections are updated in place on every batch: leave room on each page so the
+    # updates stay HOT (no index maintenance).
+    for table in ("account_balances", "package_balances", "key_spend", "usage_daily"):
+        op.execute(f"ALTER TABLE {table} SET (fillfactor = 70)")
 
 
 def downgrade() -> None:

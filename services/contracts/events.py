@@ -140,7 +140,8 @@ def decode_usage_event(
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError (not DecodeError) for bad UTF-8 inside a string.
         raise InvalidEvent(Reason.INVALID_JSON, f"not valid UTF-8 JSON: {exc}") from exc
-    _refuse_nul_characters(event)
+    if b"\\u0000" in payload:  # JSON can only carry NUL as this escape; skip the scan otherwise
+        _refuse_nul_characters(event)
 
     if event.specversion != SPECVERSION:
         raise InvalidEvent(
