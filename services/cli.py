@@ -29,7 +29,11 @@ def _metering(args: argparse.Namespace) -> int:
     url = database_url(settings)
     if args.migrate:
         upgrade_to_head(url)
-    _run(run_metering(settings, url, host=args.host, port=args.port, serve_api=not args.no_api))
+    if args.no_api and args.no_consumer:
+        print("--no-api and --no-consumer together leave nothing to run", file=sys.stderr)
+        return 2
+    _run(run_metering(settings, url, host=args.host, port=args.port, serve_api=not args.no_api,
+                      consume=not args.no_consumer))
     return 0
 
 
@@ -68,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8081)
     p.add_argument("--no-api", action="store_true", help="run the consumer without the HTTP API")
+    p.add_argument("--no-consumer", action="store_true", help="serve the HTTP API without consuming events")
     p.add_argument("--migrate", action="store_true", help="migrate the database before starting")
     p.set_defaults(func=_metering)
 

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     page_limit_max: int = Field(default=1_000, ge=1, le=100_000)
     db_pool_size: int = Field(default=10, ge=1, le=500)
+    reservation_ttl_seconds: int = Field(default=600, ge=1, le=86_400)
+    quota_snapshot_seconds: int = Field(default=30, ge=1, le=3_600)
 
     log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")

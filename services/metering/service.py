@@ -27,6 +27,7 @@ async def run_metering(
     host: str = "127.0.0.1",
     port: int = 8081,
     serve_api: bool = True,
+    consume: bool = True,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``): the batch in flight finishes, then all stops."""
@@ -37,34 +38,45 @@ async def run_metering(
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    if not settings.kafka_bootstrap_servers:
-        raise SystemExit("setting TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS: required to run the metering consumer")
-    created = await ensure_topics(
-        settings.kafka_bootstrap_servers,
-        [settings.usage_topic, settings.dlq_topic, settings.breach_topic],
-        settings.topic_partitions,
-        replication_factor=settings.topic_replication_factor,
-    )
-    if created:
-        log.info("topics_created", topics=created, partitions=settings.topic_partitions)
-
-    consumer = UsageConsumer(settings, database_url)
-    relay = OutboxRelay(settings, database_url)
-    consumer.on_commit.append(lambda outcome: relay.wake.set())
-    tasks = [
-        asyncio.create_task(consumer.run(stop), name="consumer"),
-        asyncio.create_task(relay.run(stop), name="outbox-relay"),
-        asyncio.create_task(run_expiry_sweeper(settings, database_url, stop), name="expiry-sweeper"),
-    ]
+    tasks: list[asyncio.Task] = []
+    consumer = None
+    if consume:
+        if not settings.kafka_bootstrap_servers:
+            raise SystemExit("setting TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS: required to run the metering consumer")
+        created = await ensure_topics(
+            settings.kafka_bootstrap_servers,
+            [settings.usage_topic, settings.dlq_topic, settings.breach_topic],
+            settings.topic_partitions,
+            replication_factor=settings.topic_replication_factor,
+        )
+        if created:
+            log.info("topics_created", topics=created, partitions=settings.topic_partitions)
+        consumer = UsageConsumer(settings, database_url)
+        relay = OutboxRelay(settings, database_url)
+        consumer.on_commit.append(lambda outcome: relay.wake.set())
+        tasks += [
+            asyncio.create_task(consumer.run(stop), name="consumer"),
+            asyncio.create_task(relay.run(stop), name="outbox-relay"),
+            asyncio.create_task(run_expiry_sweeper(settings, database_url, stop), name="expiry-sweeper"),
+        ]
     server = None
+    authorizer = None
     if serve_api:
         import uvicorn
 
+        from services.metering.api import authorize
         from services.metering.api.app import create_app
+        from services.metering.authorizer import Authorizer
         from services.metering.store.db import make_engine
 
         engine = make_engine(database_url, pool_size=settings.db_pool_size)
-        app = create_app(settings, engine)
+        authorizer = await Authorizer(
+            database_url,
+            reservation_ttl_seconds=settings.reservation_ttl_seconds,
+            snapshot_seconds=settings.quota_snapshot_seconds,
+        ).start()
+        app = create_app(settings, engine, routers=[authorize.router])
+        app.state.authorizer = authorizer
         app.state.consumer = consumer
         server = uvicorn.Server(
             uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
@@ -80,6 +92,8 @@ async def run_metering(
     if server is not None:
         server.should_exit = True
     results = await asyncio.gather(*tasks, return_exceptions=True)
+    if authorizer is not None:
+        await authorizer.stop()
     for task, result in zip(tasks, results):
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
             log.error("task_failed", task=task.get_name(), error=repr(result))

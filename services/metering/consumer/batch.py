@@ -26,6 +26,7 @@ from services.metering.domain.rating import (
     rate_usage,
 )
 from services.metering.store.ingest import IngestBatch, PriceCache
+from services.metering.store.quota import notify_quota, quota_notices
 
 UNKNOWN_SOURCE = "unknown"
 
@@ -280,6 +281,10 @@ async def process_batch(
         outcome.duplicates += len(duplicate_sources)
         outcome.accepted = len(valid)
         await uow.add_ingest_stats(stats.rows())
+        # Authorizers reload these accounts and release the reservations these events settle.
+        if valid:
+            await notify_quota(conn, quota_notices(
+                accounts, (a.event.data.reservation_id for _, a, _, _ in valid)))
     return outcome
 
 

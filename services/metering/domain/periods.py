@@ -29,8 +29,26 @@ def _known_zones() -> frozenset[str]:
     return frozenset(available_timezones())
 
 
+# Every UTC offset in use today is a whole number of quarter hours, and so are the instants
+# of DST changes: the local date is constant within each 15-minute slice of UTC time since
+# 1970. Rating asks for it once per event, so it is remembered per (zone, slice).
+_SLICE_SECONDS = 900
+_DAY_CACHE: dict[tuple[str, int], date] = {}
+_DAY_CACHE_MAX = 200_000
+
+
 def local_day(moment: datetime, tz: str) -> date:
-    return moment.astimezone(zone(tz)).date()
+    """The date in zone ``tz`` at the aware instant ``moment``."""
+    seconds = moment.timestamp()
+    if seconds < 0:  # before 1970 offsets were not all quarter hours
+        return moment.astimezone(zone(tz)).date()
+    key = (tz, int(seconds // _SLICE_SECONDS))
+    day = _DAY_CACHE.get(key)
+    if day is None:
+        if len(_DAY_CACHE) >= _DAY_CACHE_MAX:
+            _DAY_CACHE.clear()
+        day = _DAY_CACHE[key] = moment.astimezone(zone(tz)).date()
+    return day
 
 
 def month_of(day: date) -> date:

@@ -25,6 +25,7 @@ from services.contracts.money import format_cny
 from services.metering.domain.periods import local_day
 from services.metering.domain.pricing import PriceRow
 from services.metering.domain.rating import PACKAGE, PAYG, AccountState, apply_topup
+from services.metering.store.quota import QUOTA_CHANNEL, quota_notices
 from services.metering.store.tables import (
     Account,
     AccountBalance,
@@ -328,6 +329,7 @@ class AdminStore:
                 .returning(ledger_entries.c.entry_id)
             )
             apply_topup(account, amount)
+            await _notify_quota(conn, accounts=[account_id])
             await conn.execute(
                 update(account_balances)
                 .where(account_balances.c.account_id == account_id)
@@ -402,6 +404,7 @@ class AdminStore:
                 .returning(packages.c.created_at)
             )
             await conn.execute(insert(package_balances).values(package_id=package_id, account_id=account_id))
+            await _notify_quota(conn, accounts=[account_id])
             await conn.execute(
                 insert(ledger_entries).values(
                     entry_type="package_grant",
@@ -504,6 +507,7 @@ class AdminStore:
                     .returning(*_KEY_COLUMNS)
                 )
             ).one()
+            await _notify_quota(conn, accounts=[account_id], keys=True)
         return _key(row)
 
     async def get_key(self, key_id: str) -> KeyRecord:
@@ -549,6 +553,7 @@ class AdminStore:
                     update(api_keys).where(api_keys.c.key_id == key_id).values(**values).returning(*_KEY_COLUMNS)
                 )
             ).one()
+            await _notify_quota(conn, accounts=[key.account_id])
         return _key(row)
 
     async def revoke_key(self, key_id: str) -> KeyRecord:
@@ -564,6 +569,8 @@ class AdminStore:
             ).first()
             if row is None:
                 row = (await conn.execute(select(*_KEY_COLUMNS).where(api_keys.c.key_id == key_id))).first()
+            else:
+                await _notify_quota(conn, accounts=[row.account_id])
         if row is None:
             raise _key_not_found(key_id)
         return _key(row)
@@ -603,6 +610,7 @@ class AdminStore:
                         .returning(*_PRICE_COLUMNS)
                     )
                 ).one()
+                await _notify_quota(conn, prices=True)
         except IntegrityError as exc:
             if _constraint_of(exc) != PRICE_VERSION_CONSTRAINT:
                 raise
@@ -670,6 +678,12 @@ def _account_not_found(account_id: str) -> TollhouseError:
 
 def _key_not_found(key_id: str) -> TollhouseError:
     return TollhouseError(NOT_FOUND, f"key {key_id} not found")
+
+
+async def _notify_quota(conn: AsyncConnection, **changes: Any) -> None:
+    """Tell authorizers what this transaction changed (delivered when it commits)."""
+    for payload in quota_notices(**changes):
+        await conn.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": QUOTA_CHANNEL, "payload": payload})
 
 
 async def database_ready(engine: AsyncEngine) -> None:

@@ -1,0 +1,71 @@
+"""Gateway-facing API (DESIGN §6.3): ``POST /v1/authorize``, on every call's path.
+
+The answer is always 200 with ``allowed`` and, when refused, the code, reason and message
+the gateway shows its caller (DESIGN §6.1 table). 4xx is for a bad request body or token.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+from services.metering.api.auth import GATEWAY, require_gateway, role_checked_route
+from services.metering.api.schemas import ErrorBody
+from services.metering.authorizer import Authorizer
+
+MAX_ESTIMATED_TOKENS = 10**9
+
+router = APIRouter(
+    tags=["gateway"],
+    dependencies=[Depends(require_gateway)],
+    route_class=role_checked_route(GATEWAY),
+    responses={s: {"model": ErrorBody} for s in (400, 401, 403, 413)},
+)
+
+
+class AuthorizeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: Annotated[str, Strict(), Field(min_length=1, max_length=512)]
+    model: Annotated[str, Strict(), Field(min_length=1, max_length=256)]
+    estimated_tokens: Annotated[int, Strict(), Field(ge=0, le=MAX_ESTIMATED_TOKENS)] = 0
+
+
+class AuthorizeOut(BaseModel):
+    allowed: bool
+    code: int = Field(description="gRPC canonical code: 0 when allowed")
+    reason: str = Field(description="'ok', or the error code the gateway shows (e.g. daily_cap_reached)")
+    msg: str
+    key_id: str | None
+    account_id: str | None
+    billing_mode: str | None
+    remaining: dict = Field(
+        description="package keys: {tokens}; PAYG keys: {balance, daily, monthly} as decimal CNY strings"
+        " (null for an unlimited cap). Net of reservations in flight."
+    )
+    reservation_id: str | None = Field(
+        description="set when estimated_tokens was given and the call is allowed; send it back in the usage event"
+    )
+
+
+def authorizer_of(request: Request) -> Authorizer:
+    return request.app.state.authorizer
+
+
+@router.post("/v1/authorize", response_model=AuthorizeOut)
+async def authorize(body: AuthorizeIn, authorizer: Annotated[Authorizer, Depends(authorizer_of)]) -> AuthorizeOut:
+    result = await authorizer.authorize(body.api_key, body.model, body.estimated_tokens)
+    d, snap = result.decision, result.snapshot
+    return AuthorizeOut(
+        allowed=d.allowed,
+        code=d.code,
+        reason=d.reason,
+        msg=d.msg,
+        key_id=snap.key_id if snap else None,
+        account_id=snap.account_id if snap else None,
+        billing_mode=snap.billing_mode if snap else None,
+        remaining=d.remaining,
+        reservation_id=result.reservation_id,
+    )
