@@ -1,0 +1,318 @@
+"""Ingest benchmark: Kafka → rated, committed ledger (projections included).
+
+Prints, in one run on this machine:
+  * sustained events/s of the metering consumer over N pre-produced events (default 1,000,000
+    across 10,000 keys), from the first fetch to the last commit;
+  * p50/p99 produce-to-commit latency while a separate process produces at a steady rate
+    (default 5,000 events/s);
+  * baselines measured in the same run: the raw consume rate from the broker (no work), and
+    the raw COPY rate of the same rows (usage_events + ledger_entries) into PostgreSQL;
+  * the ratio of the pipeline to those baselines, and peak memory.
+
+Run:  python bench/ingest.py [--events 1000000] [--keys 10000] [--rate 5000] [--seconds 20]
+Starts its own embedded PostgreSQL and broker unless TOLLHOUSE_DATABASE_URL /
+TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS are set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import asyncpg  # noqa: E402
+import psycopg  # noqa: E402
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
+
+from services.contracts.events import build_usage_event, encode_event, format_time  # noqa: E402
+from services.local_services import LocalBroker, start_embedded_postgres  # noqa: E402
+from services.metering.consumer.topics import ensure_topics  # noqa: E402
+from services.metering.consumer.worker import UsageConsumer  # noqa: E402
+from services.metering.store.migrate import upgrade_to_head  # noqa: E402
+from services.runtime import ensure_database  # noqa: E402
+from services.settings import load_settings  # noqa: E402
+
+NANO = 10**9
+MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-3.5-turbo")
+
+
+def seed(url: str, keys: int) -> list[tuple[str, str]]:
+    """Accounts of 10 keys each: 80 % PAYG keys with caps, 20 % package keys."""
+    accounts = max(1, keys // 10)
+    now = datetime.now(timezone.utc)
+    out = []
+    with psycopg.connect(url) as conn:
+        for model in MODELS:
+            conn.execute(
+                "INSERT INTO prices (model, effective_from, input_price, output_price, cached_input_price,"
+                " per_request_fee, batch_discount_ppm, package_weight_ppm) VALUES (%s, %s, 2500, 10000, 1250, 0,"
+                " 500000, 1000000)", (model, now - timedelta(days=400)))
+        with conn.cursor() as cur:
+            with cur.copy("COPY accounts (account_id, name, tier, timezone) FROM STDIN") as copy:
+                for a in range(accounts):
+                    copy.write_row((f"acc_{a:06d}", f"bench {a}", "developer", "Asia/Shanghai"))
+            with cur.copy("COPY account_balances (account_id, balance) FROM STDIN") as copy:
+                for a in range(accounts):
+                    copy.write_row((f"acc_{a:06d}", 10**6 * NANO))
+            with cur.copy("COPY packages (package_id, account_id, tokens_total, price, valid_from, valid_until)"
+                          " FROM STDIN") as copy:
+                for a in range(accounts):
+                    copy.write_row((f"pkg_{a:06d}", f"acc_{a:06d}", 10**12, 0, now - timedelta(days=400),
+                                    now + timedelta(days=30)))
+            with cur.copy("COPY package_balances (package_id, account_id) FROM STDIN") as copy:
+                for a in range(accounts):
+                    copy.write_row((f"pkg_{a:06d}", f"acc_{a:06d}"))
+            with cur.copy("COPY api_keys (key_id, account_id, name, secret_hash, secret_hint, billing_mode,"
+                          " package_id, daily_cap, monthly_cap) FROM STDIN") as copy:
+                for k in range(keys):
+                    acc = f"acc_{k // 10:06d}"
+                    package = k % 10 >= 8
+                    copy.write_row((f"key_{k:06d}", acc, "bench", uuid.uuid4().bytes + uuid.uuid4().bytes,
+                                    "sk-bench", "package" if package else "payg",
+                                    f"pkg_{k // 10:06d}" if package else None,
+                                    0 if package else 50 * NANO, 0 if package else 1000 * NANO))
+                    out.append((acc, f"key_{k:06d}"))
+    return out
+
+
+def make_payloads(keys: list[tuple[str, str]], count: int, seed_value: int = 1) -> list[tuple[bytes, bytes]]:
+    rng = random.Random(seed_value)
+    base = datetime.now(timezone.utc) - timedelta(hours=2)
+    out = []
+    for i in range(count):
+        acc, key = keys[rng.randrange(len(keys))]
+        prompt = rng.randint(10, 4000)
+        completion = rng.randint(0, 1000)
+        event = build_usage_event(
+            account_id=acc, key_id=key, model=MODELS[i % 3], prompt_tokens=prompt, completion_tokens=completion,
+            cached_tokens=prompt // 4, request_id=f"req-{i}", time=base + timedelta(microseconds=5 * i),
+            source="gateway/bench", kind="batch" if i % 50 == 0 else "request", inputs=1 + (i % 50 == 0) * 9,
+        )
+        out.append((acc.encode(), encode_event(event)))
+    return out
+
+
+async def produce_all(bootstrap: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> float:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False, linger_ms=20,
+                                max_batch_size=512 * 1024)
+    await producer.start()
+    started = time.perf_counter()
+    pending = []
+    for key, value in payloads:
+        pending.append(await producer.send(topic, value, key=key))
+        if len(pending) >= 20_000:
+            await asyncio.gather(*pending)
+            pending.clear()
+    await asyncio.gather(*pending)
+    elapsed = time.perf_counter() - started
+    await producer.stop()
+    return len(payloads) / elapsed
+
+
+async def raw_consume_rate(bootstrap: str, topic: str, expected: int) -> float:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"raw-{uuid.uuid4().hex[:6]}",
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
+    await consumer.start()
+    seen = 0
+    started = None
+    while seen < expected:
+        batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
+        if started is None and batch:
+            started = time.perf_counter()
+        seen += sum(len(v) for v in batch.values())
+    elapsed = time.perf_counter() - started
+    await consumer.stop()
+    return expected / elapsed
+
+
+async def pipeline_rate(settings, url: str, expected: int) -> tuple[float, UsageConsumer]:
+    consumer = UsageConsumer(settings, url)
+    stop = asyncio.Event()
+    first: list[float] = []
+    consumer.on_commit.append(lambda o: first or first.append(time.perf_counter()))
+    task = asyncio.create_task(consumer.run(stop))
+    started = None
+    while consumer.totals.received < expected:
+        if started is None and consumer.assigned.is_set():
+            started = time.perf_counter()
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    await task
+    return expected / elapsed, consumer
+
+
+async def raw_copy_rate(url: str, expected: int) -> float:
+    """COPY the rows the pipeline wrote (events + ledger) into empty twins of the tables."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE TABLE bench_events (LIKE usage_events INCLUDING ALL)")
+        await conn.execute("CREATE TABLE bench_ledger (LIKE ledger_entries INCLUDING ALL)")
+        from services.metering.store.ingest import LEDGER_COLUMNS, USAGE_EVENT_COLUMNS
+
+        events = await conn.fetch(f"SELECT {', '.join(USAGE_EVENT_COLUMNS)} FROM usage_events LIMIT {expected}")
+        ledger = await conn.fetch(
+            f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger_entries WHERE entry_type = 'usage' LIMIT {expected}")
+        events = [tuple(r) for r in events]
+        ledger = [tuple(r) for r in ledger]
+        batch = 5000
+        started = time.perf_counter()
+        for i in range(0, len(events), batch):
+            async with conn.transaction():
+                await conn.copy_records_to_table("bench_events", records=events[i:i + batch], columns=USAGE_EVENT_COLUMNS)
+                await conn.copy_records_to_table("bench_ledger", records=ledger[i:i + batch], columns=LEDGER_COLUMNS)
+        elapsed = time.perf_counter() - started
+        await conn.execute("DROP TABLE bench_events, bench_ledger")
+        return len(events) / elapsed
+    finally:
+        await conn.close()
+
+
+def _steady_producer(bootstrap: str, topic: str, keys: list, rate: int, seconds: float) -> None:
+    async def go() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False, linger_ms=1)
+        await producer.start()
+        rng = random.Random(3)
+        tick = 0.01
+        per_tick = rate * tick
+        started = time.perf_counter()
+        sent = 0
+        while (now := time.perf_counter()) - started < seconds:
+            due = int((now - started) * rate) - sent
+            for _ in range(due):
+                acc, key = keys[rng.randrange(len(keys))]
+                event = build_usage_event(account_id=acc, key_id=key, model=MODELS[sent % 3],
+                                          prompt_tokens=rng.randint(10, 4000), completion_tokens=rng.randint(0, 999),
+                                          request_id=f"steady-{sent}", source="gateway/steady")
+                await producer.send(topic, encode_event(event), key=acc.encode())
+                sent += 1
+            await asyncio.sleep(max(0.0, tick - (time.perf_counter() - now)) if due < per_tick * 2 else 0)
+        await producer.flush()
+        await producer.stop()
+
+    asyncio.run(go())
+
+
+async def latency_at_rate(settings, url: str, keys: list, rate: int, seconds: float) -> dict:
+    consumer = UsageConsumer(settings, url)
+    latencies: list[float] = []
+
+    def record(outcome) -> None:
+        committed = datetime.now(timezone.utc)
+        latencies.extend((committed - t).total_seconds() for t in outcome.event_times)
+
+    consumer.on_commit.append(record)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    while not consumer.assigned.is_set():
+        await asyncio.sleep(0.05)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_steady_producer, args=(settings.kafka_bootstrap_servers, settings.usage_topic, keys, rate, seconds))
+    proc.start()
+    while proc.is_alive():
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(2)
+    stop.set()
+    await task
+    warm = latencies[len(latencies) // 20:]  # drop the first 5 % (connection warm-up)
+    q = statistics.quantiles(warm, n=100)
+    return {"events": len(latencies), "rate": rate, "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000,
+            "max_ms": max(warm) * 1000}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--rate", type=int, default=5_000)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--batch", type=int, default=5_000)
+    parser.add_argument("--latency-only", action="store_true", help="skip the throughput and baseline phases")
+    args = parser.parse_args()
+
+    broker = None
+    bootstrap = os.environ.get("TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        broker = LocalBroker().start()
+        bootstrap = broker.bootstrap_servers
+    server = os.environ.get("TOLLHOUSE_DATABASE_URL") or start_embedded_postgres(
+        Path(tempfile.mkdtemp(prefix="tollhouse-bench-")) / "pg")
+    url = ensure_database(server, f"bench_{uuid.uuid4().hex[:8]}")
+    upgrade_to_head(url)
+    keys = seed(url, args.keys)
+    suffix = uuid.uuid4().hex[:6]
+    settings = load_settings(
+        database_url=url, kafka_bootstrap_servers=bootstrap, usage_topic=f"bench-usage-{suffix}",
+        dlq_topic=f"bench-dlq-{suffix}", breach_topic=f"bench-breach-{suffix}", consumer_group=f"bench-{suffix}",
+        topic_partitions=args.partitions, consumer_batch_max=args.batch, log_level="warning",
+    )
+    await ensure_topics(bootstrap, [settings.usage_topic, settings.dlq_topic, settings.breach_topic], args.partitions)
+
+    if args.latency_only:
+        lat = await latency_at_rate(settings, url, keys, args.rate, args.seconds)
+        print(f"produce→commit @{args.rate:,}/s p50 {lat['p50_ms']:.1f} ms  p99 {lat['p99_ms']:.1f} ms"
+              f"  max {lat['max_ms']:.1f} ms ({lat['events']:,} events)")
+        return
+    print(f"generating {args.events:,} events over {len(keys):,} keys …", flush=True)
+    payloads = make_payloads(keys, args.events)
+    produce_rate = await produce_all(bootstrap, settings.usage_topic, payloads)
+    del payloads
+    print(f"  produced at {produce_rate:,.0f} events/s", flush=True)
+
+    consume_rate = await raw_consume_rate(bootstrap, settings.usage_topic, args.events)
+    print(f"  baseline raw consume: {consume_rate:,.0f} events/s", flush=True)
+    rate, consumer = await pipeline_rate(settings, url, args.events)
+    print(f"  pipeline sustained:   {rate:,.0f} events/s  (accepted {consumer.totals.accepted:,},"
+          f" dead-lettered {consumer.totals.dead_lettered:,})", flush=True)
+    copy_rate = await raw_copy_rate(url, args.events)
+    print(f"  baseline raw COPY:    {copy_rate:,.0f} events/s (usage_events + ledger_entries rows)", flush=True)
+
+    lat_settings = settings.model_copy(update={"usage_topic": f"bench-steady-{suffix}", "consumer_group": f"steady-{suffix}"})
+    await ensure_topics(bootstrap, [lat_settings.usage_topic], args.partitions)
+    latency = await latency_at_rate(lat_settings, url, keys, args.rate, args.seconds)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    result = {
+        "when": format_time(datetime.now(timezone.utc)),
+        "events": args.events, "keys": len(keys), "partitions": args.partitions, "batch_max": args.batch,
+        "pipeline_events_per_s": round(rate), "raw_consume_events_per_s": round(consume_rate),
+        "raw_copy_events_per_s": round(copy_rate), "ratio_to_copy": round(rate / copy_rate, 3),
+        "ratio_to_consume": round(rate / consume_rate, 3),
+        "latency": {k: round(v, 1) if isinstance(v, float) else v for k, v in latency.items()},
+        "peak_rss_mb": round(peak_mb), "cpus": os.cpu_count(),
+    }
+    print()
+    print(f"sustained ingest        {rate:>10,.0f} events/s   (target ≥ 50,000)")
+    print(f"raw COPY baseline       {copy_rate:>10,.0f} events/s   ratio {rate / copy_rate:.2f}")
+    print(f"raw consume baseline    {consume_rate:>10,.0f} events/s   ratio {rate / consume_rate:.2f}")
+    print(f"produce→commit @{args.rate:,}/s p50 {latency['p50_ms']:.1f} ms  p99 {latency['p99_ms']:.1f} ms"
+          f"  (target p99 ≤ 250 ms, {latency['events']:,} events)")
+    print(f"peak RSS                {peak_mb:>10,.0f} MB")
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "ingest.json").write_text(json.dumps(result, indent=2))
+    if broker:
+        broker.stop()
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    uvloop.run(main())
