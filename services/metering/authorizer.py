@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class Authorizer:
         self._keys_by_account: dict[str, set[str]] = {}
         self._unknown: dict[bytes, float] = {}
         self._reservations: dict[str, _Reservation] = {}
+        self._expiries: list[tuple[float, str]] = []  # heap of (expires_at, reservation_id)
         self._held_package: dict[str, int] = {}
         self._held_account: dict[str, int] = {}
         self._held_key: dict[str, int] = {}
@@ -239,6 +241,7 @@ class Authorizer:
 
     def _hold(self, reservation_id: str, r: _Reservation) -> None:
         self._reservations[reservation_id] = r
+        heapq.heappush(self._expiries, (r.expires_at, reservation_id))
         if r.tokens and r.package_id:
             self._held_package[r.package_id] = self._held_package.get(r.package_id, 0) + r.tokens
         if r.money:
@@ -260,8 +263,8 @@ class Authorizer:
         while not self._stopped.is_set():
             await asyncio.sleep(1.0)
             now = time.monotonic()
-            for reservation_id in [i for i, r in self._reservations.items() if r.expires_at <= now]:
-                self._release(reservation_id)
+            while self._expiries and self._expiries[0][0] <= now:
+                self._release(heapq.heappop(self._expiries)[1])  # no-op when already settled
             if self._listener is None or self._listener.is_closed():
                 try:
                     await self._listen()

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+import msgspec
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
-from services.metering.api.auth import GATEWAY, require_gateway, role_checked_route
+from services.contracts.errors import INVALID_REQUEST, TollhouseError
+from services.metering.api.auth import GATEWAY, role_checked_route
 from services.metering.api.schemas import ErrorBody
 from services.metering.authorizer import Authorizer
 
 MAX_ESTIMATED_TOKENS = 10**9
 
+# The role is checked by the route class before the body is read; the scheme is documented
+# in OpenAPI below rather than by a dependency, which would cost every call its resolution.
 router = APIRouter(
     tags=["gateway"],
-    dependencies=[Depends(require_gateway)],
     route_class=role_checked_route(GATEWAY),
     responses={s: {"model": ErrorBody} for s in (400, 401, 403, 413)},
 )
@@ -50,22 +54,55 @@ class AuthorizeOut(BaseModel):
     )
 
 
+class _AuthorizeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The hot-path twin of ``AuthorizeIn`` (msgspec decodes it several times faster)."""
+
+    api_key: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    estimated_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_ESTIMATED_TOKENS)] = 0
+
+
+_decode_request = msgspec.json.Decoder(_AuthorizeRequest).decode
+_encode = msgspec.json.Encoder().encode
+
+
 def authorizer_of(request: Request) -> Authorizer:
     return request.app.state.authorizer
 
 
-@router.post("/v1/authorize", response_model=AuthorizeOut)
-async def authorize(body: AuthorizeIn, authorizer: Annotated[Authorizer, Depends(authorizer_of)]) -> AuthorizeOut:
-    result = await authorizer.authorize(body.api_key, body.model, body.estimated_tokens)
+@router.post(
+    "/v1/authorize",
+    response_model=AuthorizeOut,
+    openapi_extra={
+        "security": [{"HTTPBearer": []}],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": AuthorizeIn.model_json_schema()}},
+        }
+    },
+)
+async def authorize(request: Request) -> Response:
+    # On every gateway call: the body is decoded with msgspec and the reply encoded directly,
+    # skipping pydantic on both sides; AuthorizeIn/AuthorizeOut document the same shapes.
+    try:
+        body = _decode_request(await request.body())
+    except msgspec.ValidationError as exc:
+        raise TollhouseError(INVALID_REQUEST, f"body: {exc}") from None
+    except msgspec.DecodeError:
+        raise TollhouseError(INVALID_REQUEST, "body: not a valid JSON object") from None
+    result = await authorizer_of(request).authorize(body.api_key, body.model, body.estimated_tokens)
     d, snap = result.decision, result.snapshot
-    return AuthorizeOut(
-        allowed=d.allowed,
-        code=d.code,
-        reason=d.reason,
-        msg=d.msg,
-        key_id=snap.key_id if snap else None,
-        account_id=snap.account_id if snap else None,
-        billing_mode=snap.billing_mode if snap else None,
-        remaining=d.remaining,
-        reservation_id=result.reservation_id,
+    return Response(
+        _encode({
+            "allowed": d.allowed,
+            "code": d.code,
+            "reason": d.reason,
+            "msg": d.msg,
+            "key_id": snap.key_id if snap else None,
+            "account_id": snap.account_id if snap else None,
+            "billing_mode": snap.billing_mode if snap else None,
+            "remaining": d.remaining,
+            "reservation_id": result.reservation_id,
+        }),
+        media_type="application/json",
     )
