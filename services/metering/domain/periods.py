@@ -31,8 +31,10 @@ def _known_zones() -> frozenset[str]:
 
 # Every UTC offset in use today is a whole number of quarter hours, and so are the instants
 # of DST changes: the local date is constant within each 15-minute slice of UTC time since
-# 1970. Rating asks for it once per event, so it is remembered per (zone, slice).
+# 1980 (Africa/Monrovia was UTC-0:44:30 until 1972, Pacific/Kiritimati UTC-10:40 until
+# 1979). Rating asks for it once per event, so it is remembered per (zone, slice).
 _SLICE_SECONDS = 900
+_SLICES_SAFE_FROM = 315_532_800  # 1980-01-01T00:00:00Z
 _DAY_CACHE: dict[tuple[str, int], date] = {}
 _DAY_CACHE_MAX = 200_000
 
@@ -40,7 +42,7 @@ _DAY_CACHE_MAX = 200_000
 def local_day(moment: datetime, tz: str) -> date:
     """The date in zone ``tz`` at the aware instant ``moment``."""
     seconds = moment.timestamp()
-    if seconds < 0:  # before 1970 offsets were not all quarter hours
+    if seconds < _SLICES_SAFE_FROM:  # before 1980 offsets were not all quarter hours
         return moment.astimezone(zone(tz)).date()
     key = (tz, int(seconds // _SLICE_SECONDS))
     day = _DAY_CACHE.get(key)

@@ -76,7 +76,7 @@ class KeyState:
     monthly: dict[date, SpendState] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per event, and frozen construction is slow
 class Usage:
     """The parts of a usage event that rating reads."""
 
@@ -104,7 +104,7 @@ class Breach:
     occurred_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rating:
     """What one event books: money for PAYG keys, tokens for package keys."""
 
@@ -196,7 +196,9 @@ def _rate_package(
     taken = min(remaining, deduction)
     package.tokens_used += taken
     overage = deduction - taken
-    if package.tokens_remaining == 0 and not package.exhausted_recorded:
+    # Used up by usage, not merely at zero: after expiry was booked, remaining is 0 too,
+    # and a late event from inside the window is overage, not an exhaustion.
+    if package.tokens_used >= package.tokens_total and not package.exhausted_recorded:
         package.exhausted_recorded = True
         breaches.append(_package_breach(PACKAGE_EXHAUSTED, package, key.key_id, overage, usage))
     return Rating(0, 0, package.package_id, taken, overage, day, price.price_id)
