@@ -51,9 +51,34 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1, le=500)
     reservation_ttl_seconds: int = Field(default=600, ge=1, le=86_400)
     quota_snapshot_seconds: int = Field(default=30, ge=1, le=3_600)
+    # Reconciliation and dead letters (the diff's upload is bounded by max_request_bytes).
+    reconciliation_max_window_days: int = Field(default=366, ge=1, le=36_600)
+    dead_letter_payload_preview_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
+
+    # Gateway (DESIGN §6.1): its name in event sources, time limits, pools and the usage spool.
+    gateway_id: str = Field(default="gw-1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    upstream_timeout_seconds: float = Field(default=600.0, gt=0, le=86_400)
+    upstream_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    upstream_max_connections: int = Field(default=1_000, ge=1, le=100_000)
+    metering_timeout_seconds: float = Field(default=2.0, gt=0, le=300)
+    metering_max_connections: int = Field(default=200, ge=1, le=100_000)
+    default_completion_allowance: int = Field(default=1_024, ge=0, le=10_000_000)
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024, le=16 * 1024**3)
+    spool_max_events: int = Field(default=1_000_000, ge=1, le=1_000_000_000)
+    spool_max_bytes: int = Field(default=1024**3, ge=1024 * 1024, le=1024**4)
+    spool_send_batch_max: int = Field(default=500, ge=1, le=100_000)
+    kafka_send_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    batch_poll_seconds: float = Field(default=30.0, gt=0, le=86_400)
 
     log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
+
+    @field_validator("metering_url", "upstream_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
 
     @field_validator("database_url")
     @classmethod

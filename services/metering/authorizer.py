@@ -31,7 +31,7 @@ import msgspec
 import structlog
 
 from services.contracts.ids import new_id
-from services.metering.domain.pricing import PriceBook, PriceRow
+from services.metering.domain.pricing import PriceBook, PriceRow, Tier
 from services.metering.domain.quota import Decision, Holds, KeySnapshot, decide
 from services.metering.store import quota as store
 from services.metering.store.ingest import connect
@@ -150,6 +150,17 @@ class Authorizer:
                 decision.hold_money, time.monotonic() + self.reservation_ttl,
             ))
         return Authorization(decision, snapshot, reservation_id)
+
+    async def models_for(self, api_key: str) -> tuple[KeySnapshot, list[PriceRow]] | None:
+        """The key's snapshot and the current price rows of the models its tier may use
+        (None for an unknown key). For ``GET /v1/models`` at the gateway."""
+        snapshot = await self._snapshot(hash_secret(api_key))
+        if snapshot is None:
+            return None
+        now = self.clock()
+        tier = Tier[snapshot.tier]
+        rows = [self.prices.at(m, now) for m in self.prices.models()]
+        return snapshot, [r for r in rows if r is not None and tier >= Tier[r.min_tier]]
 
     def held(self, reservation_id: str) -> bool:
         return reservation_id in self._reservations

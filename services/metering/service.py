@@ -64,7 +64,7 @@ async def run_metering(
     if serve_api:
         import uvicorn
 
-        from services.metering.api import authorize
+        from services.metering.api import authorize, dead_letters, models, quota, reconciliation
         from services.metering.api.app import create_app
         from services.metering.authorizer import Authorizer
         from services.metering.store.db import make_engine
@@ -75,7 +75,11 @@ async def run_metering(
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
             snapshot_seconds=settings.quota_snapshot_seconds,
         ).start()
-        app = create_app(settings, engine, routers=[authorize.router])
+        app = create_app(
+            settings,
+            engine,
+            routers=[authorize.router, models.router, quota.router, reconciliation.router, dead_letters.router],
+        )
         app.state.authorizer = authorizer
         app.state.consumer = consumer
         server = uvicorn.Server(

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from services.metering.api import authorize
+from services.metering.api import authorize, dead_letters, models, quota, reconciliation
 from services.metering.api.app import create_app
 from services.metering.authorizer import Authorizer
 from services.metering.store.db import make_engine
@@ -22,7 +22,11 @@ BILLING = {"Authorization": "Bearer billing-token"}
 async def metering_client(settings: Settings, database_url: str, **authorizer_options) -> AsyncIterator[httpx.AsyncClient]:
     engine = make_engine(database_url, pool_size=4)
     authorizer = await Authorizer(database_url, **authorizer_options).start()
-    app = create_app(settings, engine, routers=[authorize.router])
+    app = create_app(
+        settings,
+        engine,
+        routers=[authorize.router, models.router, quota.router, reconciliation.router, dead_letters.router],
+    )
     app.state.authorizer = authorizer
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metering") as client:

@@ -40,7 +40,7 @@ from services.contracts.errors import (
     TollhouseError,
     error_body,
 )
-from services.metering.api import admin
+from services.metering.api import admin, billing, exports
 from services.metering.api.schemas import ErrorBody
 from services.metering.store.admin import AdminStore, database_ready, utc_now
 from services.settings import Settings
@@ -90,6 +90,8 @@ def create_app(
     app.add_middleware(RequestBodyLimit, max_bytes=settings.max_request_bytes)
     app.include_router(operations_router())
     app.include_router(admin.router)
+    app.include_router(billing.router)
+    app.include_router(exports.router)
     for router in routers:
         app.include_router(router)
     app.openapi = lambda: _openapi_with_error_shape(app)  # type: ignore[method-assign]

@@ -75,7 +75,8 @@ class _DeadLetter:
 
 
 class _Stats:
-    """Per-source counters, written to ``ingest_stats`` with the batch."""
+    """Per-source counters, written to ``ingest_stats`` and ``ingest_stats_daily`` (under the
+    batch's UTC day of processing) with the batch."""
 
     def __init__(self) -> None:
         self.by_source: dict[str, list[int]] = {}
@@ -250,7 +251,7 @@ async def process_batch(
         for d in dead:
             d_id = new_id("dlq")
             dead_rows.append((d_id, d.reason, d.detail, d.event_id, d.source, config.topic, d.record.partition,
-                              d.record.offset, d.record.value or b"", now))
+                              d.record.offset, d.record.value or b"", now, d.record.key))
         inserted = await uow.insert_dead_letters(dead_rows)
         for d, row in zip(dead, dead_rows):
             if row[0] not in inserted:  # this very message was dead-lettered before: a redelivery
@@ -280,7 +281,7 @@ async def process_batch(
             stats.add(accepted.event.source, ACCEPTED)
         outcome.duplicates += len(duplicate_sources)
         outcome.accepted = len(valid)
-        await uow.add_ingest_stats(stats.rows())
+        await uow.add_ingest_stats(stats.rows(), now.date())
         # Authorizers reload these accounts and release the reservations these events settle.
         if valid:
             await notify_quota(conn, quota_notices(

@@ -156,6 +156,10 @@ class UsageConsumer:
         for partition, (_, new) in moves.items():
             self.positions[partition] = new
         self._observe(outcome, time.perf_counter() - started, committed_at)
+        for partition, (_, new) in moves.items():
+            highwater = self._consumer.highwater(TopicPartition(self.config.topic, partition))
+            if highwater is not None:  # as of the last fetch: good enough for a lag gauge
+                metrics.CONSUMER_LAG.labels(str(partition)).set(max(highwater - new, 0))
         await self._commit_to_kafka(moves)
         for callback in self.on_commit:
             callback(outcome)

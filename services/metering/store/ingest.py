@@ -73,8 +73,26 @@ BREACH_COLUMNS = (
 )
 
 
+# Session-local staging tables: bulk upserts COPY their rows here, then merge with one
+# INSERT … SELECT … ON CONFLICT (COPY's binary rows are far cheaper to send than arrays).
+_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS stage_key_spend (LIKE key_spend) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS stage_usage_daily (LIKE usage_daily) ON COMMIT DELETE ROWS",
+)
+SPEND_COLUMNS = ("key_id", "period_type", "period_start", "account_id", "spend", "breached")
+USAGE_DAILY_COLUMNS = (
+    "key_id", "model", "day", "account_id", "requests", "inputs", "prompt_tokens", "completion_tokens",
+    "cached_tokens", "reasoning_tokens", "total_tokens", "package_tokens", "overage_tokens", "charge",
+)
+
+
 async def connect(database_url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(database_url, server_settings={"application_name": "tollhouse-consumer", "timezone": "UTC"})
+    conn = await asyncpg.connect(
+        database_url, server_settings={"application_name": "tollhouse-consumer", "timezone": "UTC"}
+    )
+    for statement in _STAGING:
+        await conn.execute(statement)
+    return conn
 
 
 async def stored_offset(conn: asyncpg.Connection, group: str, topic: str, partition: int, default: int) -> int:
@@ -87,6 +105,15 @@ async def stored_offset(conn: asyncpg.Connection, group: str, topic: str, partit
     return await conn.fetchval(
         "SELECT next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2 AND topic_partition = $3",
         group, topic, partition,
+    )
+
+
+async def reset_offset(conn: asyncpg.Connection, group: str, topic: str, partition: int, offset: int) -> None:
+    """Overwrite a partition's stored offset (only for a log that was recreated behind it)."""
+    await conn.execute(
+        "UPDATE consumer_offsets SET next_offset = $4, updated_at = now()"
+        " WHERE group_id = $1 AND topic = $2 AND topic_partition = $3",
+        group, topic, partition, offset,
     )
 
 
@@ -110,7 +137,12 @@ class PriceCache:
 
 
 class IngestBatch:
-    """One transaction over an account's ledger and projections: ``async with IngestBatch(conn)``."""
+    """One transaction over accounts' ledger and projections: ``async with IngestBatch(conn)``.
+
+    Lookups by many ids join ``unnest($1)`` rather than test ``= ANY($1)``: while a table's
+    statistics lag behind its growth the planner may choose a scan, and a scan tests every
+    row against the whole array.
+    """
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
@@ -146,14 +178,16 @@ class IngestBatch:
         if not event_ids:
             return {}
         rows = await self.conn.fetch(
-            "SELECT event_id, digest FROM usage_events WHERE event_id = ANY($1::text[])", list(event_ids)
+            "SELECT e.event_id, e.digest FROM unnest($1::text[]) AS w(event_id)"
+            " JOIN usage_events e ON e.event_id = w.event_id",
+            list(event_ids),
         )
         return {r["event_id"]: bytes(r["digest"]) for r in rows}
 
     async def keys(self, key_ids: Iterable[str]) -> dict[str, KeyRow]:
         rows = await self.conn.fetch(
-            "SELECT key_id, account_id, billing_mode, package_id, daily_cap, monthly_cap, status"
-            " FROM api_keys WHERE key_id = ANY($1::text[])",
+            "SELECT k.key_id, k.account_id, k.billing_mode, k.package_id, k.daily_cap, k.monthly_cap, k.status"
+            " FROM unnest($1::text[]) AS w(key_id) JOIN api_keys k ON k.key_id = w.key_id",
             list(key_ids),
         )
         return {r["key_id"]: KeyRow(**dict(r)) for r in rows}
@@ -161,8 +195,9 @@ class IngestBatch:
     async def lock_accounts(self, account_ids: Iterable[str]) -> dict[str, AccountState]:
         rows = await self.conn.fetch(
             "SELECT b.account_id, a.timezone, b.balance, b.balance_depleted"
-            " FROM account_balances b JOIN accounts a USING (account_id)"
-            " WHERE b.account_id = ANY($1::text[]) ORDER BY b.account_id FOR UPDATE OF b",
+            " FROM unnest($1::text[]) AS w(account_id)"
+            " JOIN account_balances b ON b.account_id = w.account_id JOIN accounts a ON a.account_id = w.account_id"
+            " ORDER BY b.account_id FOR UPDATE OF b",
             sorted(set(account_ids)),
         )
         return {
@@ -174,8 +209,8 @@ class IngestBatch:
         rows = await self.conn.fetch(
             "SELECT p.package_id, p.account_id, p.tokens_total, pb.tokens_used, p.valid_from, p.valid_until,"
             " pb.tokens_expired, pb.expiry_booked, pb.exhausted_recorded, pb.expired_recorded"
-            " FROM packages p JOIN package_balances pb USING (package_id)"
-            " WHERE p.package_id = ANY($1::text[])",
+            " FROM unnest($1::text[]) AS w(package_id)"
+            " JOIN packages p ON p.package_id = w.package_id JOIN package_balances pb ON pb.package_id = w.package_id",
             list(package_ids),
         )
         return {r["package_id"]: PackageState(**dict(r)) for r in rows}
@@ -212,9 +247,9 @@ class IngestBatch:
         cols = list(zip(*rows))
         inserted = await self.conn.fetch(
             "INSERT INTO dead_letters (dead_letter_id, reason, detail, event_id, source, topic, topic_partition,"
-            " kafka_offset, payload, received_at)"
+            " kafka_offset, payload, received_at, message_key)"
             " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
-            " $7::int[], $8::bigint[], $9::bytea[], $10::timestamptz[])"
+            " $7::int[], $8::bigint[], $9::bytea[], $10::timestamptz[], $11::bytea[])"
             " ON CONFLICT (topic, topic_partition, kafka_offset) DO NOTHING RETURNING dead_letter_id",
             *[list(c) for c in cols],
         )
@@ -256,26 +291,23 @@ class IngestBatch:
         """Absolute spend per (key, period): the account lock makes this writer the only one."""
         if not rows:
             return
-        cols = [list(c) for c in zip(*rows)]
+        await self.conn.copy_records_to_table("stage_key_spend", records=rows, columns=SPEND_COLUMNS)
         await self.conn.execute(
             "INSERT INTO key_spend (key_id, period_type, period_start, account_id, spend, breached)"
-            " SELECT * FROM unnest($1::text[], $2::text[], $3::date[], $4::text[], $5::bigint[], $6::bool[])"
+            " SELECT key_id, period_type, period_start, account_id, spend, breached FROM stage_key_spend"
             " ON CONFLICT (key_id, period_type, period_start)"
-            " DO UPDATE SET spend = EXCLUDED.spend, breached = EXCLUDED.breached",
-            *cols,
+            " DO UPDATE SET spend = EXCLUDED.spend, breached = EXCLUDED.breached;"
+            " TRUNCATE stage_key_spend"
         )
 
     async def add_usage_daily(self, rows: list[tuple]) -> None:
         """Add per (key, model, day) sums to the rollup."""
         if not rows:
             return
-        cols = [list(c) for c in zip(*rows)]
+        await self.conn.copy_records_to_table("stage_usage_daily", records=rows, columns=USAGE_DAILY_COLUMNS)
         await self.conn.execute(
-            "INSERT INTO usage_daily AS d (key_id, model, day, account_id, requests, inputs, prompt_tokens,"
-            " completion_tokens, cached_tokens, reasoning_tokens, total_tokens, package_tokens, overage_tokens, charge)"
-            " SELECT * FROM unnest($1::text[], $2::text[], $3::date[], $4::text[], $5::bigint[], $6::bigint[],"
-            " $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[],"
-            " $14::bigint[])"
+            "INSERT INTO usage_daily AS d (" + ", ".join(USAGE_DAILY_COLUMNS) + ")"
+            " SELECT " + ", ".join(USAGE_DAILY_COLUMNS) + " FROM stage_usage_daily"
             " ON CONFLICT (key_id, model, day) DO UPDATE SET"
             " requests = d.requests + EXCLUDED.requests, inputs = d.inputs + EXCLUDED.inputs,"
             " prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,"
@@ -284,11 +316,12 @@ class IngestBatch:
             " reasoning_tokens = d.reasoning_tokens + EXCLUDED.reasoning_tokens,"
             " total_tokens = d.total_tokens + EXCLUDED.total_tokens,"
             " package_tokens = d.package_tokens + EXCLUDED.package_tokens,"
-            " overage_tokens = d.overage_tokens + EXCLUDED.overage_tokens, charge = d.charge + EXCLUDED.charge",
-            *cols,
+            " overage_tokens = d.overage_tokens + EXCLUDED.overage_tokens, charge = d.charge + EXCLUDED.charge;"
+            " TRUNCATE stage_usage_daily"
         )
 
-    async def add_ingest_stats(self, rows: list[tuple[str, int, int, int, int, int]]) -> None:
+    async def add_ingest_stats(self, rows: list[tuple[str, int, int, int, int, int]], day: date) -> None:
+        """Add per-source counters to the all-time totals and to ``day`` (UTC day of processing)."""
         if not rows:
             return
         cols = [list(c) for c in zip(*rows)]
@@ -299,6 +332,16 @@ class IngestBatch:
             " accepted = s.accepted + EXCLUDED.accepted, duplicates = s.duplicates + EXCLUDED.duplicates,"
             " conflicts = s.conflicts + EXCLUDED.conflicts, dead_lettered = s.dead_lettered + EXCLUDED.dead_lettered",
             *cols,
+        )
+        await self.conn.execute(
+            "INSERT INTO ingest_stats_daily AS s (day, source, received, accepted, duplicates, conflicts,"
+            " dead_lettered)"
+            " SELECT $7::date, u.* FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],"
+            " $6::bigint[]) AS u"
+            " ON CONFLICT (day, source) DO UPDATE SET received = s.received + EXCLUDED.received,"
+            " accepted = s.accepted + EXCLUDED.accepted, duplicates = s.duplicates + EXCLUDED.duplicates,"
+            " conflicts = s.conflicts + EXCLUDED.conflicts, dead_lettered = s.dead_lettered + EXCLUDED.dead_lettered",
+            *cols, day,
         )
 
 

@@ -1,8 +1,9 @@
 """The metering schema: SQLAlchemy 2 table models. Alembic migrations are the source of truth
 for the database; these models mirror them for queries and for the migration's autogenerate check.
 
-Append-only by design: ``ledger_entries``, ``breaches``, ``usage_events``, ``dead_letters`` and
-``prices`` refuse UPDATE and DELETE in the database (triggers in the first migration).
+Append-only by design: ``ledger_entries``, ``breaches``, ``usage_events``, ``dead_letters``,
+``prices`` and ``dead_letter_replays`` refuse UPDATE and DELETE in the database (triggers in
+the migrations).
 Projections (``account_balances``, ``package_balances``, ``key_spend``, ``usage_daily``) are
 derived from the ledger and can be rebuilt from it.
 """
@@ -21,6 +22,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Text,
     UniqueConstraint,
@@ -258,6 +260,7 @@ class DeadLetter(Base):
         Index("ix_dead_letters_reason", "reason"),
         # One dead letter per Kafka message, however often it is redelivered.
         Index("uq_dead_letters_message", "topic", "topic_partition", "kafka_offset", unique=True),
+        Index("ix_dead_letters_received", "received_at", "topic", "topic_partition", "kafka_offset"),
     )
     dead_letter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     reason: Mapped[str] = mapped_column(String(64))
@@ -269,6 +272,19 @@ class DeadLetter(Base):
     kafka_offset: Mapped[int] = mapped_column(BigInteger)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     received_at: Mapped[datetime] = mapped_column(TS, server_default=func.now())
+    # The Kafka key the message came with (a replay is published under it); NULL before 0002.
+    message_key: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class DeadLetterReplay(Base):
+    """One per replayed dead letter, written with the outbox row that re-publishes it (append-only)."""
+
+    __tablename__ = "dead_letter_replays"
+    dead_letter_id: Mapped[str] = mapped_column(ForeignKey("dead_letters.dead_letter_id"), primary_key=True)
+    event_id: Mapped[str | None] = mapped_column(String(128))
+    topic: Mapped[str] = mapped_column(String(256))
+    message_key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    replayed_at: Mapped[datetime] = mapped_column(TS, server_default=func.now())
 
 
 class IngestStat(Base):
@@ -276,6 +292,20 @@ class IngestStat(Base):
 
     __tablename__ = "ingest_stats"
     source: Mapped[str] = mapped_column(String(256), primary_key=True)
+    received: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    accepted: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    duplicates: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    conflicts: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    dead_lettered: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+class IngestStatDaily(Base):
+    """The same counters per source and UTC day of processing (reconciliation windows)."""
+
+    __tablename__ = "ingest_stats_daily"
+    __table_args__ = (PrimaryKeyConstraint("day", "source"),)  # day first: windows scan by day
+    source: Mapped[str] = mapped_column(String(256))
+    day: Mapped[date] = mapped_column(Date)
     received: Mapped[int] = mapped_column(BigInteger, server_default="0")
     accepted: Mapped[int] = mapped_column(BigInteger, server_default="0")
     duplicates: Mapped[int] = mapped_column(BigInteger, server_default="0")
@@ -305,4 +335,6 @@ class Outbox(Base):
     created_at: Mapped[datetime] = mapped_column(TS, server_default=func.now())
 
 
-APPEND_ONLY_TABLES = ("ledger_entries", "breaches", "usage_events", "dead_letters", "prices")
+APPEND_ONLY_TABLES = (
+    "ledger_entries", "breaches", "usage_events", "dead_letters", "prices", "dead_letter_replays",
+)

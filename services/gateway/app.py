@@ -1,0 +1,293 @@
+"""The gateway app (DESIGN §6.1): OpenAI-compatible routes, health, metrics, and wiring.
+
+``create_app`` builds everything from settings once (metering and upstream clients, the
+spool, the emitter, the batch poller) and starts and stops it with the app's lifespan;
+tests hand in other transports or a producer factory. ``run_gateway`` serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import structlog
+from aiokafka import AIOKafkaProducer
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.contracts import errors
+from services.contracts.errors import Canonical, ErrorKind, TollhouseError, error_body
+from services.gateway import metrics
+from services.gateway.batches import BatchTracker
+from services.gateway.emitter import Emitter
+from services.gateway.metering_client import MeteringClient, MeteringUnavailable
+from services.gateway.proxy import Proxy
+from services.gateway.spool import Spool
+from services.gateway.usage import CHAT, COMPLETIONS, EMBEDDINGS
+from services.settings import Settings
+
+log = structlog.get_logger("tollhouse.gateway")
+
+READY_TIMEOUT_SECONDS = 2.0
+DRAIN_ON_STOP_SECONDS = 5.0
+METHOD_NOT_ALLOWED = ErrorKind(405, Canonical.INVALID_ARGUMENT, "method_not_allowed", "invalid_request_error")
+
+
+def spool_path(settings: Settings) -> Path:
+    return Path(settings.data_dir) / f"gateway-spool-{settings.gateway_id}.sqlite"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    metering_transport: httpx.AsyncBaseTransport | None = None,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    producer_factory: Callable[[], AIOKafkaProducer] | None = None,
+) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        spool = await Spool(spool_path(settings), max_events=settings.spool_max_events,
+                            max_bytes=settings.spool_max_bytes).open()
+        spool.on_change.append(lambda: _spool_gauges(settings, spool))
+        _spool_gauges(settings, spool)
+        if spool.events:
+            log.info("spool_recovered", events=spool.events, path=str(spool.path))
+        emitter = await Emitter(settings, spool, producer_factory=producer_factory).start()
+        metering = MeteringClient(settings.metering_url, settings.gateway_token,
+                                  timeout_seconds=settings.metering_timeout_seconds,
+                                  max_connections=settings.metering_max_connections, transport=metering_transport)
+        upstream = httpx.AsyncClient(
+            base_url=settings.upstream_base_url,
+            headers={"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else None,
+            timeout=httpx.Timeout(settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds,
+                                  pool=settings.upstream_connect_timeout_seconds),
+            limits=httpx.Limits(max_connections=settings.upstream_max_connections,
+                                max_keepalive_connections=settings.upstream_max_connections),
+            transport=upstream_transport,
+        )
+        batches = BatchTracker(settings, spool, emitter, upstream)
+        stop = asyncio.Event()
+        poller = asyncio.create_task(batches.run(stop), name="batch-poller")
+        app.state.proxy = Proxy(settings, metering, upstream, spool, emitter, batches)
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.gather(poller, return_exceptions=True)
+            await emitter.stop(DRAIN_ON_STOP_SECONDS)
+            await upstream.aclose()
+            await metering.aclose()
+            await spool.close()
+            if spool.events:
+                log.warning("spool_kept", events=spool.events, path=str(spool.path))
+
+    app = FastAPI(
+        title="Tollhouse gateway",
+        version="1",
+        description="OpenAI-compatible gateway: authenticates API keys, asks metering, forwards upstream, "
+                    "emits one usage event per call.",
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    _install_error_handlers(app)
+    app.add_middleware(RequestMetrics)
+
+    def proxy_of(request: Request) -> Proxy:
+        return request.app.state.proxy
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz(request: Request) -> dict:
+        """Ready to serve: metering answers and the spool can be written."""
+        proxy = proxy_of(request)
+        try:
+            await asyncio.wait_for(proxy.metering.ready(), READY_TIMEOUT_SECONDS)
+        except (MeteringUnavailable, asyncio.TimeoutError) as exc:
+            raise TollhouseError(errors.UNAVAILABLE, f"metering not reachable: {exc or 'timeout'}") from None
+        try:
+            await asyncio.wait_for(proxy.spool.probe(), READY_TIMEOUT_SECONDS)
+        except Exception as exc:
+            raise TollhouseError(errors.UNAVAILABLE, f"usage spool not writable: {type(exc).__name__}") from None
+        if proxy.spool.full:
+            raise TollhouseError(errors.UNAVAILABLE, f"usage spool full ({proxy.spool.events} events)")
+        return {"status": "ok", "metering": "ok", "spool": "ok", "spool_events": proxy.spool.events,
+                "kafka": "connected" if proxy.emitter.connected else "disconnected"}
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics_text() -> Response:
+        """Prometheus metrics of this process."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", tags=["openai"])
+    async def list_models(request: Request) -> Response:
+        """The models this key's tier may use."""
+        return await proxy_of(request).list_models(request)
+
+    @app.get("/v1/models/{model_id:path}", tags=["openai"])
+    async def get_model(request: Request, model_id: str) -> Response:
+        return await proxy_of(request).get_model(request, model_id)
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(request: Request) -> Response:
+        """Streaming (SSE) and not; usage is always captured."""
+        return await proxy_of(request).inference(request, CHAT)
+
+    @app.post("/v1/completions", tags=["openai"])
+    async def completions(request: Request) -> Response:
+        """A list of prompts is one request with several inputs."""
+        return await proxy_of(request).inference(request, COMPLETIONS)
+
+    @app.post("/v1/embeddings", tags=["openai"])
+    async def embeddings(request: Request) -> Response:
+        """An ``input`` array is one request with several inputs."""
+        return await proxy_of(request).inference(request, EMBEDDINGS)
+
+    @app.post("/v1/files", tags=["openai"])
+    async def upload_file(request: Request) -> Response:
+        """multipart/form-data, passed through; a batch file's model and lines are noted."""
+        return await proxy_of(request).upload_file(request)
+
+    @app.get("/v1/files/{file_id}/content", tags=["openai"])
+    async def file_content(request: Request, file_id: str) -> Response:
+        return await proxy_of(request).file_content(request, file_id)
+
+    @app.post("/v1/batches", tags=["openai"])
+    async def create_batch(request: Request) -> Response:
+        """A Batch API job: one request, billed once when it ends."""
+        return await proxy_of(request).create_batch(request)
+
+    @app.get("/v1/batches/{batch_id}", tags=["openai"])
+    async def get_batch(request: Request, batch_id: str) -> Response:
+        return await proxy_of(request).get_batch(request, batch_id)
+
+    return app
+
+
+def _spool_gauges(settings: Settings, spool: Spool) -> None:
+    metrics.SPOOL_EVENTS.labels(settings.gateway_id).set(spool.events)
+    metrics.SPOOL_BYTES.labels(settings.gateway_id).set(spool.bytes)
+
+
+# Errors: every failure leaves in the documented shape.
+
+
+def error_response(kind: ErrorKind, msg: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(kind, msg), status_code=kind.http_status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TollhouseError)
+    async def tollhouse_error(_: Request, exc: TollhouseError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.kind.http_status == 401 else None
+        return error_response(exc.kind, exc.msg, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(errors.INVALID_REQUEST, f"request: {exc.errors()[:1]}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        path = request.url.path[:200]
+        if exc.status_code == 404:
+            return error_response(errors.NOT_FOUND, f"no route {request.method} {path}; the API is described at /docs")
+        if exc.status_code == 405:
+            return error_response(METHOD_NOT_ALLOWED, f"method {request.method} is not allowed on {path}")
+        kind = ErrorKind(exc.status_code, Canonical.INVALID_ARGUMENT if exc.status_code < 500 else Canonical.INTERNAL,
+                         f"http_{exc.status_code}", "invalid_request_error")
+        return error_response(kind, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled_error", path=request.url.path, exc_info=exc)
+        return error_response(errors.INTERNAL, "internal error; the gateway log has the details")
+
+
+# Request metrics, by route template so callers cannot grow the label set.
+
+_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/files", "/v1/batches"}
+_PREFIXES = (("/v1/batches/", "/v1/batches/{id}"), ("/v1/files/", "/v1/files/{id}/content"),
+             ("/v1/models/", "/v1/models/{id}"))
+_UNCOUNTED = {"/metrics", "/healthz", "/readyz"}
+
+
+def _route_label(path: str) -> str:
+    if path in _ROUTES:
+        return path
+    for prefix, label in _PREFIXES:
+        if path.startswith(prefix):
+            return label
+    return "other"
+
+
+class RequestMetrics:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _UNCOUNTED:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counted_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            model = (scope.get("state") or {}).get("model", "")
+            metrics.REQUESTS.labels(_route_label(scope["path"]), model, str(status)).inc()
+
+
+# Serving
+
+
+async def run_gateway(settings: Settings, *, host: str = "127.0.0.1", port: int = 8080,
+                      stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``). Calls in flight finish (or are billed as
+    cancelled), then the spool gets a few seconds to drain; what is left is sent at the
+    next start."""
+    import uvicorn
+
+    missing = [name for name, value in (("KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers),
+                                        ("GATEWAY_TOKEN", settings.gateway_token)) if not value]
+    if missing:
+        raise SystemExit("\n".join(f"setting TOLLHOUSE_{name}: required to run the gateway" for name in missing))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings), host=host, port=port, http="httptools", log_level="warning", access_log=False,
+        lifespan="on", timeout_graceful_shutdown=30,
+    ))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # signals are ours (above)
+    serving = asyncio.create_task(server.serve(), name="gateway-api")
+    log.info("gateway_started", url=f"http://{host}:{port}", gateway_id=settings.gateway_id,
+             upstream=settings.upstream_base_url, metering=settings.metering_url)
+    waiting = asyncio.create_task(stop.wait())
+    await asyncio.wait([serving, waiting], return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    waiting.cancel()
+    await serving

@@ -1,0 +1,111 @@
+"""The gateway's client for metering's gateway-facing API (DESIGN §6.3).
+
+One pooled HTTP/1.1 client with the gateway token. Anything but a well-formed 200 (no
+answer in ``METERING_TIMEOUT_SECONDS``, a connection error, a 5xx, a refused gateway
+token) is ``MeteringUnavailable``: the gateway then fails closed with 503.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import msgspec
+import structlog
+
+from services.gateway import metrics
+
+log = structlog.get_logger("tollhouse.gateway.metering")
+
+API_KEY_HEADER = "X-Tollhouse-Api-Key"
+
+
+class MeteringUnavailable(RuntimeError):
+    pass
+
+
+class Authorization(msgspec.Struct, frozen=True):
+    allowed: bool
+    code: int
+    reason: str
+    msg: str
+    key_id: str | None = None
+    account_id: str | None = None
+    billing_mode: str | None = None
+    reservation_id: str | None = None
+
+
+class ModelEntry(msgspec.Struct, frozen=True):
+    id: str
+    created: int = 0
+
+
+class KeyModels(msgspec.Struct, frozen=True):
+    allowed: bool
+    code: int
+    reason: str
+    msg: str
+    key_id: str | None = None
+    account_id: str | None = None
+    tier: str | None = None
+    models: list[ModelEntry] = []
+
+
+_decode_authorization = msgspec.json.Decoder(Authorization).decode
+_decode_key_models = msgspec.json.Decoder(KeyModels).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class MeteringClient:
+    def __init__(
+        self,
+        base_url: str,
+        gateway_token: str,
+        *,
+        timeout_seconds: float,
+        max_connections: int,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {gateway_token}", "Content-Type": "application/json"},
+            timeout=httpx.Timeout(timeout_seconds),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def authorize(self, api_key: str, model: str, estimated_tokens: int) -> Authorization:
+        payload = _encode({"api_key": api_key, "model": model, "estimated_tokens": estimated_tokens})
+        started = time.perf_counter()
+        response = await self._request("POST", "/v1/authorize", content=payload)
+        metrics.METERING_SECONDS.observe(time.perf_counter() - started)
+        try:
+            return _decode_authorization(response.content)
+        except msgspec.MsgspecError as exc:
+            raise MeteringUnavailable(f"metering sent an unreadable authorize reply: {exc}") from None
+
+    async def key_models(self, api_key: str) -> KeyModels:
+        response = await self._request("GET", "/v1/authorize/models", headers={API_KEY_HEADER: api_key})
+        try:
+            return _decode_key_models(response.content)
+        except msgspec.MsgspecError as exc:
+            raise MeteringUnavailable(f"metering sent an unreadable models reply: {exc}") from None
+
+    async def ready(self) -> None:
+        """Raise ``MeteringUnavailable`` unless metering answers its /readyz."""
+        await self._request("GET", "/readyz")
+
+    async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = await self._client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise MeteringUnavailable(f"metering at {self.base_url} is unreachable: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            if response.status_code in (401, 403):
+                log.error("metering_refused_gateway_token", status=response.status_code, path=path)
+            raise MeteringUnavailable(f"metering answered {path} with HTTP {response.status_code}")
+        return response
