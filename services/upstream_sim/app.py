@@ -16,6 +16,7 @@ Per-request headers:
 ``X-Sim-Reply-Tokens: N``    a reply of exactly N tokens (before ``max_tokens``)
 ``X-Sim-Cached-Tokens: N``   report N cached prompt tokens (at most the prompt)
 ``X-Sim-Batch-Delay-Ms: N``  POST /v1/batches: stay in_progress N ms before running
+``X-Sim-Batch-Line-Delay-Ms: N``  POST /v1/batches: each line takes N ms to run
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -46,6 +48,8 @@ from services.upstream_sim.state import IdMint, UsageLog
 DONE = b"data: [DONE]\n\n"
 MULTIPART_OVERHEAD = 64 * 1024  # room for the form fields around an uploaded file
 USAGE_PAGE_MAX = 10_000
+FILES_PAGE_MAX = 10_000  # OpenAI's limits of one list page
+BATCHES_PAGE_MAX = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +59,15 @@ class Switches:
     error: int | None
     break_after: int | None
     batch_delay_ms: int
+    batch_line_delay_ms: int
     options: Options
+
+
+# The two generative endpoints: how a request is planned, answered whole, and streamed.
+_GENERATIVE = {
+    "/v1/chat/completions": (replies.plan_chat, replies.chat_response, replies.chat_stream_events),
+    "/v1/completions": (replies.plan_completions, replies.completions_response, replies.completions_stream_events),
+}
 
 
 # ---------------------------------------------------------------- responses
@@ -149,7 +161,7 @@ class Simulator:
         self.options = Options(reply_tokens=config.reply_tokens, embedding_dimensions=config.embedding_dimensions,
                                max_choices=config.max_choices, max_reply_tokens=config.max_reply_tokens)
         self.defaults = Switches(config.latency_ms, config.chunk_delay_ms, None, None, config.batch_delay_ms,
-                                 self.options)
+                                 config.batch_line_delay_ms, self.options)
         self.random = random.Random(config.seed)
         self.mint = IdMint()
         self.usage_log = UsageLog(config.usage_log_max)
@@ -205,6 +217,7 @@ class Simulator:
             error=error,
             break_after=number("x-sim-break-after", 10**9),
             batch_delay_ms=milliseconds("x-sim-batch-delay-ms", config.batch_delay_ms),
+            batch_line_delay_ms=milliseconds("x-sim-batch-line-delay-ms", config.batch_line_delay_ms),
             options=options,
         )
 
@@ -217,6 +230,20 @@ class Simulator:
         if self.config.error_rate and self.random.random() < self.config.error_rate:
             raise simulated(500)
         return switches
+
+    def route(self, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Response]]:
+        """Wrap a ``/v1`` route: the prelude first (its switches in ``request.state.switches``),
+        then the handler; what it returns is sent as JSON unless it is a response already, and
+        counted as a 200. (FastAPI reads the handler's own parameters through ``__wrapped__``.)"""
+
+        @functools.wraps(handler)
+        async def run(request: Request, **params: Any) -> Response:
+            request.state.switches = await self.prelude(request)
+            answer = await handler(request, **params)
+            self.count(request, 200)
+            return answer if isinstance(answer, Response) else json_response(answer)
+
+        return run
 
     async def read_body(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
@@ -257,9 +284,23 @@ class Simulator:
 
     # ------------------------------------------------------------ answers
 
-    def reply(self, request: Request, switches: Switches, request_id: str, endpoint: str,
-              content: dict, plan_usage: Usage, model: str, inputs: int) -> Response:
-        self.count(request, 200)
+    async def generate(self, request: Request, endpoint: str) -> Response:
+        """Chat completions and completions: plan the reply, then send it whole or as a stream."""
+        switches: Switches = request.state.switches
+        body = await self.read_json(request)
+        stream, include_usage = _stream_flags(body)
+        plan_reply, whole, stream_events = _GENERATIVE[endpoint]
+        plan = plan_reply(body, switches.options)
+        request_id = self.mint(replies.ID_PREFIXES[endpoint])
+        created = int(time.time())
+        if stream:
+            events = stream_events(plan, request_id, created, include_usage=include_usage)
+            return self.stream(switches, request_id, endpoint, plan, events)
+        return self.reply(switches, request_id, endpoint, whole(plan, request_id, created), plan.usage, plan.model,
+                          plan.inputs)
+
+    def reply(self, switches: Switches, request_id: str, endpoint: str, content: dict, plan_usage: Usage,
+              model: str, inputs: int) -> Response:
         if switches.break_after is not None:
             # The model finished; only the transfer breaks, so the whole usage was incurred.
             self.served(request_id, endpoint, model, plan_usage, inputs, status="broken")
@@ -267,9 +308,8 @@ class Simulator:
         self.served(request_id, endpoint, model, plan_usage, inputs)
         return json_response(content, headers={"x-request-id": request_id})
 
-    def stream(self, request: Request, switches: Switches, request_id: str, endpoint: str, plan: Plan,
+    def stream(self, switches: Switches, request_id: str, endpoint: str, plan: Plan,
                events: list[StreamEvent]) -> Response:
-        self.count(request, 200)
         chunks = [_sse(event) for _, event in events]
         if switches.break_after is None:
             self.served(request_id, endpoint, plan.model, plan.usage, plan.inputs)
@@ -353,61 +393,39 @@ def create_app(config: SimConfig | None = None) -> FastAPI:
     # ------------------------------------------------------------ inference
 
     @app.post("/v1/chat/completions")
+    @sim.route
     async def chat_completions(request: Request) -> Response:
-        switches = await sim.prelude(request)
-        body = await sim.read_json(request)
-        stream, include_usage = _stream_flags(body)
-        plan = replies.plan_chat(body, switches.options)
-        request_id = sim.mint("chatcmpl-")
-        created = int(time.time())
-        endpoint = "/v1/chat/completions"
-        if stream:
-            events = replies.chat_stream_events(plan, request_id, created, include_usage=include_usage)
-            return sim.stream(request, switches, request_id, endpoint, plan, events)
-        content = replies.chat_response(plan, request_id, created)
-        return sim.reply(request, switches, request_id, endpoint, content, plan.usage, plan.model, plan.inputs)
+        return await sim.generate(request, "/v1/chat/completions")
 
     @app.post("/v1/completions")
+    @sim.route
     async def completions(request: Request) -> Response:
-        switches = await sim.prelude(request)
-        body = await sim.read_json(request)
-        stream, include_usage = _stream_flags(body)
-        plan = replies.plan_completions(body, switches.options)
-        request_id = sim.mint("cmpl-")
-        created = int(time.time())
-        endpoint = "/v1/completions"
-        if stream:
-            events = replies.completions_stream_events(plan, request_id, created, include_usage=include_usage)
-            return sim.stream(request, switches, request_id, endpoint, plan, events)
-        content = replies.completions_response(plan, request_id, created)
-        return sim.reply(request, switches, request_id, endpoint, content, plan.usage, plan.model, plan.inputs)
+        return await sim.generate(request, "/v1/completions")
 
     @app.post("/v1/embeddings")
+    @sim.route
     async def embeddings(request: Request) -> Response:
-        switches = await sim.prelude(request)
         body = await sim.read_json(request)
-        content, usage, inputs = replies.embeddings_response(body, switches.options)
-        request_id = sim.mint("emb-")
-        return sim.reply(request, switches, request_id, "/v1/embeddings", content, usage, content["model"],
+        content, usage, inputs = replies.embeddings_response(body, request.state.switches.options)
+        request_id = sim.mint(replies.ID_PREFIXES["/v1/embeddings"])
+        return sim.reply(request.state.switches, request_id, "/v1/embeddings", content, usage, content["model"],
                          inputs)
 
     @app.get("/v1/models")
-    async def list_models(request: Request) -> Response:
-        await sim.prelude(request)
-        sim.count(request, 200)
-        return json_response({"object": "list", "data": [_model(m) for m in config.models]})
+    @sim.route
+    async def list_models(request: Request) -> Any:
+        return {"object": "list", "data": [_model(m) for m in config.models]}
 
     @app.get("/v1/models/{model:path}")
-    async def get_model(request: Request, model: str) -> Response:
-        await sim.prelude(request)
-        sim.count(request, 200)
-        return json_response(_model(model))  # any model id is served
+    @sim.route
+    async def get_model(request: Request, model: str) -> Any:
+        return _model(model)  # any model id is served
 
     # ------------------------------------------------------------ files
 
     @app.post("/v1/files")
-    async def upload_file(request: Request) -> Response:
-        await sim.prelude(request)
+    @sim.route
+    async def upload_file(request: Request) -> Any:
         raw = await sim.read_body(request, config.max_file_bytes + MULTIPART_OVERHEAD)
         parts = parse_multipart(request.headers.get("content-type", ""), raw)
         purpose_part = parts.get("purpose")
@@ -417,70 +435,54 @@ def create_app(config: SimConfig | None = None) -> FastAPI:
         file_part = parts.get("file")
         if file_part is None:
             raise invalid_request("The form has no 'file' field.", param="file")
-        stored = sim.files.add(sim.mint("file-"), file_part.filename or "upload", purpose, file_part.content)
-        sim.count(request, 200)
-        return json_response(stored.as_openai())
+        return sim.files.add(sim.mint("file-"), file_part.filename or "upload", purpose, file_part.content).as_openai()
 
     @app.get("/v1/files")
-    async def list_files(request: Request, purpose: str | None = None) -> Response:
-        await sim.prelude(request)
-        sim.count(request, 200)
-        return json_response({"object": "list", "data": [f.as_openai() for f in sim.files.list(purpose)],
-                              "has_more": False})
+    @sim.route
+    async def list_files(request: Request, purpose: str | None = None, after: str | None = None,
+                         limit: int = 10_000, order: str = "desc") -> Any:
+        return _page([f.as_openai() for f in sim.files.list(purpose)], after, limit, FILES_PAGE_MAX, order)
 
     @app.get("/v1/files/{file_id}")
-    async def get_file(request: Request, file_id: str) -> Response:
-        await sim.prelude(request)
-        stored = sim.files.get(file_id)
-        sim.count(request, 200)
-        return json_response(stored.as_openai())
+    @sim.route
+    async def get_file(request: Request, file_id: str) -> Any:
+        return sim.files.get(file_id).as_openai()
 
     @app.get("/v1/files/{file_id}/content")
+    @sim.route
     async def file_content(request: Request, file_id: str) -> Response:
-        await sim.prelude(request)
-        stored = sim.files.get(file_id)
-        sim.count(request, 200)
-        return Response(stored.content, media_type="application/octet-stream")
+        return Response(sim.files.get(file_id).content, media_type="application/octet-stream")
 
     @app.delete("/v1/files/{file_id}")
-    async def delete_file(request: Request, file_id: str) -> Response:
-        await sim.prelude(request)
+    @sim.route
+    async def delete_file(request: Request, file_id: str) -> Any:
         sim.files.delete(file_id)
-        sim.count(request, 200)
-        return json_response({"id": file_id, "object": "file", "deleted": True})
+        return {"id": file_id, "object": "file", "deleted": True}
 
     # ------------------------------------------------------------ batches
 
     @app.post("/v1/batches")
-    async def create_batch(request: Request) -> Response:
-        switches = await sim.prelude(request)
+    @sim.route
+    async def create_batch(request: Request) -> Any:
+        switches: Switches = request.state.switches
         body = await sim.read_json(request)
-        batch = sim.batches.create(body, delay_seconds=switches.batch_delay_ms / 1000)
-        sim.count(request, 200)
-        return json_response(batch.as_openai())
+        return sim.batches.create(body, delay_seconds=switches.batch_delay_ms / 1000,
+                                  line_delay_seconds=switches.batch_line_delay_ms / 1000).as_openai()
 
     @app.get("/v1/batches")
-    async def list_batches(request: Request, limit: int = 20) -> Response:
-        await sim.prelude(request)
-        newest = sorted(sim.batches.list(), key=lambda b: b.created_at, reverse=True)[: max(1, min(limit, 100))]
-        sim.count(request, 200)
-        return json_response({"object": "list", "data": [b.as_openai() for b in newest], "has_more": False,
-                              "first_id": newest[0].id if newest else None,
-                              "last_id": newest[-1].id if newest else None})
+    @sim.route
+    async def list_batches(request: Request, after: str | None = None, limit: int = 20) -> Any:
+        return _page([b.as_openai() for b in sim.batches.list()], after, limit, BATCHES_PAGE_MAX, "desc")
 
     @app.get("/v1/batches/{batch_id}")
-    async def get_batch(request: Request, batch_id: str) -> Response:
-        await sim.prelude(request)
-        batch = sim.batches.get(batch_id)
-        sim.count(request, 200)
-        return json_response(batch.as_openai())
+    @sim.route
+    async def get_batch(request: Request, batch_id: str) -> Any:
+        return sim.batches.get(batch_id).as_openai()
 
     @app.post("/v1/batches/{batch_id}/cancel")
-    async def cancel_batch(request: Request, batch_id: str) -> Response:
-        await sim.prelude(request)
-        batch = sim.batches.cancel(batch_id)
-        sim.count(request, 200)
-        return json_response(batch.as_openai())
+    @sim.route
+    async def cancel_batch(request: Request, batch_id: str) -> Any:
+        return sim.batches.cancel(batch_id).as_openai()
 
     # ------------------------------------------------------------ the simulator's own
 
@@ -503,6 +505,22 @@ def create_app(config: SimConfig | None = None) -> FastAPI:
         return Response(sim.metrics_text(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _page(objects: list[dict[str, Any]], after: str | None, limit: int, most: int, order: str) -> dict[str, Any]:
+    """One page of a list in OpenAI's cursor style: ordered by ``created_at`` (then id),
+    starting after the object ``after``."""
+    if order not in ("asc", "desc"):
+        raise invalid_request("'order' must be 'asc' or 'desc'.", param="order")
+    if not 1 <= limit <= most:
+        raise invalid_request(f"'limit' must be in 1..{most}.", param="limit")
+    objects = sorted(objects, key=lambda o: (o["created_at"], o["id"]), reverse=order == "desc")
+    if after is not None:
+        ids = [o["id"] for o in objects]
+        objects = objects[ids.index(after) + 1:] if after in ids else []
+    page = objects[:limit]
+    return {"object": "list", "data": page, "has_more": len(objects) > limit,
+            "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
 
 
 def _model(model_id: str) -> dict[str, Any]:

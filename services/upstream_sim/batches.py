@@ -106,7 +106,7 @@ class BatchRunner:
         self._batches: dict[str, Batch] = {}
         self._tasks: set[asyncio.Task] = set()
 
-    def create(self, body: Any, *, delay_seconds: float = 0.0) -> Batch:
+    def create(self, body: Any, *, delay_seconds: float = 0.0, line_delay_seconds: float = 0.0) -> Batch:
         if not isinstance(body, dict):
             raise invalid_request("The request body must be a JSON object.")
         input_file_id = body.get("input_file_id")
@@ -132,7 +132,8 @@ class BatchRunner:
         batch = Batch(id=self.mint("batch_"), input_file_id=input_file_id, endpoint=endpoint,
                       completion_window=window, metadata=metadata, created_at=int(time.time()))
         self._batches[batch.id] = batch
-        task = asyncio.get_running_loop().create_task(self._run(batch, stored.content, delay_seconds))
+        task = asyncio.get_running_loop().create_task(
+            self._run(batch, stored.content, delay_seconds, line_delay_seconds))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return batch
@@ -214,7 +215,7 @@ class BatchRunner:
             return None
         return lines
 
-    async def _run(self, batch: Batch, content: bytes, delay_seconds: float) -> None:
+    async def _run(self, batch: Batch, content: bytes, delay_seconds: float, line_delay_seconds: float) -> None:
         await asyncio.sleep(0)  # the create call answers "validating" first
         lines = await self._validate(batch, content)
         if lines is None:
@@ -224,14 +225,14 @@ class BatchRunner:
             batch.stamp("cancelled", "cancelled_at")
             return
         batch.stamp("in_progress", "in_progress_at")
-        if delay_seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(batch.woken.wait(), delay_seconds)
+        await _wait_unless_cancelled(batch, delay_seconds)
         output: list[bytes] = []
         failures: list[bytes] = []
         created = int(time.time())
         for i, line in enumerate(lines):
-            if i % self.yield_every == 0 and i:
+            if line_delay_seconds > 0:
+                await _wait_unless_cancelled(batch, line_delay_seconds)
+            elif i % self.yield_every == 0 and i:
                 await asyncio.sleep(0)
             if batch.cancel_requested:
                 break
@@ -275,3 +276,10 @@ class BatchRunner:
         # A batch job is one request, whatever its number of lines (DESIGN §1).
         self.usage_log.record(batch.id, "/v1/batches", batch.model or "", batch.usage, inputs=batch.completed,
                               kind="batch", status=batch.status)
+
+
+async def _wait_unless_cancelled(batch: Batch, seconds: float) -> None:
+    """Sleep ``seconds`` (a slow job), ending early when the batch is cancelled."""
+    if seconds > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(batch.woken.wait(), seconds)

@@ -48,13 +48,14 @@ class SimConfig:
     usage_log_max: int = 100_000  # records kept for GET /sim/usage
 
     batch_delay_ms: int = 0  # how long a batch stays in_progress before it runs
+    batch_line_delay_ms: int = 0  # how long each line of a batch takes to run
     batch_yield_every: int = field(default=256, repr=False)  # lines between event-loop yields
 
     def __post_init__(self) -> None:
         problems = []
         if not 0 <= self.port <= 65_535:
             problems.append(f"port {self.port} is not in 0..65535")
-        for name in ("latency_ms", "chunk_delay_ms", "batch_delay_ms"):
+        for name in ("latency_ms", "chunk_delay_ms", "batch_delay_ms", "batch_line_delay_ms"):
             value = getattr(self, name)
             if not 0 <= value <= self.max_latency_ms:
                 problems.append(f"{name} {value} is not in 0..{self.max_latency_ms}")

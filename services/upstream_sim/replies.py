@@ -407,17 +407,23 @@ def chat_response(plan: Plan, request_id: str, created: int) -> dict[str, Any]:
     }
 
 
+def _chunk_head(kind: str, plan: Plan, request_id: str, created: int, include_usage: bool) -> dict[str, Any]:
+    """The fields every chunk of one stream carries; with the usage chunk asked for, each
+    other chunk says ``"usage": null``, as OpenAI's do."""
+    head: dict[str, Any] = {"id": request_id, "object": kind, "created": created, "model": plan.model,
+                            "system_fingerprint": SYSTEM_FINGERPRINT}
+    if include_usage:
+        head["usage"] = None
+    return head
+
+
 def chat_stream_events(plan: Plan, request_id: str, created: int, *, include_usage: bool) -> list[StreamEvent]:
     """The stream's chunks in order: per choice a role chunk, one content chunk per token
     (text or function arguments), a finish chunk; then the usage chunk when asked for."""
-    head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": plan.model,
-            "system_fingerprint": SYSTEM_FINGERPRINT}
+    head = _chunk_head("chat.completion.chunk", plan, request_id, created, include_usage)
 
     def chunk(index: int, delta: dict, finish: str | None = None) -> dict:
-        out = {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        if include_usage:
-            out["usage"] = None
-        return out
+        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
     events: list[StreamEvent] = []
     for c in plan.choices:
@@ -504,14 +510,10 @@ def completions_response(plan: Plan, request_id: str, created: int) -> dict[str,
 
 
 def completions_stream_events(plan: Plan, request_id: str, created: int, *, include_usage: bool) -> list[StreamEvent]:
-    head = {"id": request_id, "object": "text_completion", "created": created, "model": plan.model,
-            "system_fingerprint": SYSTEM_FINGERPRINT}
+    head = _chunk_head("text_completion", plan, request_id, created, include_usage)
 
     def chunk(index: int, text: str, finish: str | None = None) -> dict:
-        out = {**head, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}]}
-        if include_usage:
-            out["usage"] = None
-        return out
+        return {**head, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}]}
 
     events: list[StreamEvent] = []
     for c in plan.choices:

@@ -489,6 +489,47 @@ def test_batch_can_be_cancelled_while_in_progress(client: OpenAI):
     assert _wait_for(client, batch.id, {"cancelled", "completed"}).status == "cancelled"
 
 
+def test_a_batch_cancelled_midway_keeps_the_lines_it_ran(client: OpenAI, sim_url: str):
+    lines = [{"custom_id": str(i), "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "m", "input": "one two three"}} for i in range(40)]
+    uploaded = client.files.create(file=("slow.jsonl", _jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h",
+                                  extra_headers={"X-Sim-Batch-Line-Delay-Ms": "50"})
+    deadline = time.monotonic() + 10
+    while client.batches.retrieve(batch.id).request_counts.completed < 2:
+        assert time.monotonic() < deadline, "no line ran"
+        time.sleep(0.02)
+    client.batches.cancel(batch.id)
+    cancelled = _wait_for(client, batch.id, {"cancelled", "completed"})
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at
+    ran = cancelled.request_counts.completed
+    assert 2 <= ran < 40 and cancelled.request_counts.total == 40
+    assert cancelled.usage.input_tokens == 3 * ran
+    assert len(client.files.content(cancelled.output_file_id).text.splitlines()) == ran
+    record = httpx.get(sim_url.removesuffix("/v1") + "/sim/usage", params={"limit": 10_000}).json()["data"]
+    [job] = [r for r in record if r["request_id"] == batch.id]
+    assert (job["status"], job["inputs"], job["prompt_tokens"]) == ("cancelled", ran, 3 * ran)
+
+
+def test_files_and_batches_are_listed_newest_first_in_pages():
+    with running_sim() as url, OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}}
+        files = [c.files.create(file=(f"f{i}.jsonl", _jsonl([line])), purpose="batch") for i in range(5)]
+        batches = [c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+                   for f in files[:3]]
+        first = c.files.list(limit=2, purpose="batch")
+        assert [f.id for f in first.data] == [files[4].id, files[3].id] and first.has_more
+        assert [f.id for f in c.files.list(limit=2, purpose="batch")] == [f.id for f in reversed(files)]
+        assert [f.id for f in c.files.list(order="asc", purpose="batch").data] == [f.id for f in files]
+        assert [b.id for b in c.batches.list(limit=1)] == [b.id for b in reversed(batches)]
+        c.files.delete(files[0].id)
+        with pytest.raises(openai.NotFoundError):
+            c.files.retrieve(files[0].id)
+        assert c.files.retrieve(files[1].id).filename == "f1.jsonl"
+        with pytest.raises(openai.BadRequestError):
+            c.batches.list(limit=101)
+
+
 def test_unknown_batch_and_file_are_404(client: OpenAI):
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch_nope")
