@@ -55,7 +55,7 @@ class Reason:
     ID_CONFLICT = "id_conflict"
 
 
-class UsageData(msgspec.Struct, forbid_unknown_fields=False):
+class UsageData(msgspec.Struct, forbid_unknown_fields=False, gc=False):
     account_id: _Id
     key_id: _Id
     request_id: _Name
@@ -73,7 +73,7 @@ class UsageData(msgspec.Struct, forbid_unknown_fields=False):
     reservation_id: Annotated[str, msgspec.Meta(max_length=128)] | None = None
 
 
-class UsageEvent(msgspec.Struct, forbid_unknown_fields=False):
+class UsageEvent(msgspec.Struct, forbid_unknown_fields=False, gc=False):
     specversion: str
     id: _Id
     source: _Name
@@ -93,7 +93,7 @@ class InvalidEvent(Exception):
         self.detail = detail
 
 
-class AcceptedEvent(msgspec.Struct):
+class AcceptedEvent(msgspec.Struct, gc=False):
     """A usage event that passed the contract checks, with its parsed time and digest."""
 
     event: UsageEvent

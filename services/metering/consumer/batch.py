@@ -33,12 +33,14 @@ UNKNOWN_SOURCE = "unknown"
 
 @dataclass(slots=True)
 class Record:
-    """One Kafka message as the consumer hands it over."""
+    """One Kafka message as the consumer hands it over, and what the contract says of it."""
 
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
+    accepted: AcceptedEvent | None = None
+    invalid: InvalidEvent | None = None
 
 
 @dataclass(slots=True)
@@ -96,6 +98,19 @@ class _Stats:
 ACCEPTED, DUPLICATE, CONFLICT, DEAD = 1, 2, 3, 4
 
 
+def judge_contract(records: list[Record], config: BatchConfig, now: datetime) -> None:
+    """Decode each record not judged yet against the contract. Pure CPU and no database:
+    the consumer runs it on the next batch while the current one's SQL is in flight."""
+    for record in records:
+        if record.accepted is None and record.invalid is None:
+            try:
+                record.accepted = decode_usage_event(
+                    record.value, max_bytes=config.max_event_bytes, now=now, max_future=config.max_future
+                )
+            except InvalidEvent as exc:
+                record.invalid = exc
+
+
 async def process_batch(
     conn: asyncpg.Connection,
     records: list[Record],
@@ -111,12 +126,11 @@ async def process_batch(
     first_seen: dict[str, bytes] = {}
     duplicate_sources: list[str] = []
 
+    judge_contract(records, config, now)
     for record in records:
-        try:
-            accepted = decode_usage_event(
-                record.value, max_bytes=config.max_event_bytes, now=now, max_future=config.max_future
-            )
-        except InvalidEvent as exc:
+        accepted = record.accepted
+        if accepted is None:
+            exc = record.invalid
             dead.append(_DeadLetter(record, exc.reason, exc.detail, None, UNKNOWN_SOURCE))
             continue
         event = accepted.event

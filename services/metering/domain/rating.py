@@ -152,9 +152,8 @@ def _rate_payg(
             Breach(BALANCE_DEPLETED, account.account_id, key.key_id, None, None, UNIT_CNY,
                    0, charge, -account.balance, usage.event_id, usage.event_time)
         )
-    _add_spend(key.daily, day, key.daily_cap, charge, DAILY_CAP, day_period(day), key, usage, breaches)
-    month = month_of(day)
-    _add_spend(key.monthly, month, key.monthly_cap, charge, MONTHLY_CAP, month_period(month), key, usage, breaches)
+    _add_spend(key.daily, day, key.daily_cap, charge, DAILY_CAP, key, usage, breaches)
+    _add_spend(key.monthly, month_of(day), key.monthly_cap, charge, MONTHLY_CAP, key, usage, breaches)
     return Rating(charge, overage, None, 0, 0, day, price.price_id)
 
 
@@ -164,7 +163,6 @@ def _add_spend(
     cap: int,
     charge: int,
     breach_type: str,
-    period: str,
     key: KeyState,
     usage: Usage,
     breaches: list[Breach],
@@ -175,6 +173,7 @@ def _add_spend(
     state.spend += charge
     if cap > 0 and state.spend >= cap and not state.breached:
         state.breached = True
+        period = day_period(period_start) if breach_type == DAILY_CAP else month_period(period_start)
         breaches.append(
             Breach(breach_type, key.account_id, key.key_id, None, period, UNIT_CNY,
                    cap, state.spend, state.spend - cap, usage.event_id, usage.event_time)

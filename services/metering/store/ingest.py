@@ -190,7 +190,7 @@ class IngestBatch:
             " FROM unnest($1::text[]) AS w(key_id) JOIN api_keys k ON k.key_id = w.key_id",
             list(key_ids),
         )
-        return {r["key_id"]: KeyRow(**dict(r)) for r in rows}
+        return {r[0]: KeyRow(*r) for r in rows}  # columns in KeyRow's field order
 
     async def lock_accounts(self, account_ids: Iterable[str]) -> dict[str, AccountState]:
         rows = await self.conn.fetch(
@@ -226,7 +226,7 @@ class IngestBatch:
             " USING (key_id, period_type, period_start)",
             [w[0] for w in wanted], [w[1] for w in wanted], [w[2] for w in wanted],
         )
-        return {(r["key_id"], r["period_type"], r["period_start"]): SpendState(r["spend"], r["breached"]) for r in rows}
+        return {(r[0], r[1], r[2]): SpendState(r[3], r[4]) for r in rows}
 
     async def insert_usage_events(self, rows: list[tuple]) -> None:
         if rows:
