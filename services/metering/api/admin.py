@@ -5,19 +5,17 @@ Routers validate and translate; the SQL lives in ``services.metering.store.admin
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 
-from services.contracts.errors import INVALID_REQUEST, NOT_FOUND, TollhouseError
+from services.contracts.errors import INVALID_REQUEST, TollhouseError
 from services.contracts.money import format_cny, format_fraction, format_price
-from services.metering.api.auth import ADMIN, require_admin, role_checked_route, settings_of
+from services.metering.api.auth import ADMIN, require_admin, role_checked_route
+from services.metering.api.cursors import decode_cursor, encode_cursor, strict_int
+from services.metering.api.query import Cursor, Limit, model_name, page_limit, path_id
 from services.metering.api.schemas import (
-    OBJECT_ID,
     AccountCreate,
     AccountOut,
     ErrorBody,
@@ -47,8 +45,6 @@ from services.metering.store.admin import (
     new_api_key_secret,
 )
 
-DEFAULT_PAGE_LIMIT = 100
-
 _errors = {
     status_code: {"model": ErrorBody}
     for status_code in (400, 401, 403, 404, 409, 413)
@@ -68,20 +64,6 @@ def admin_store(request: Request) -> AdminStore:
 
 
 Store = Annotated[AdminStore, Depends(admin_store)]
-
-
-def _object_id(value: str, kind: str) -> str:
-    """A path id that cannot exist is simply not found (and never reaches the database)."""
-    if not OBJECT_ID.match(value):
-        raise TollhouseError(NOT_FOUND, f"{kind} {value[:80]!r} not found")
-    return value
-
-
-def _model(value: str, where: str) -> str:
-    try:
-        return check_model_name(value)
-    except ValueError as exc:  # PydanticCustomError is a ValueError
-        raise TollhouseError(INVALID_REQUEST, f"{where}: {exc}") from None
 
 
 def _now(request: Request) -> datetime:
@@ -175,7 +157,7 @@ async def create_account(body: AccountCreate, request: Request, store: Store) ->
 
 @router.get("/v1/accounts/{account_id}", response_model=AccountOut)
 async def get_account(account_id: str, request: Request, store: Store) -> AccountOut:
-    account = await store.get_account(_object_id(account_id, "account"))
+    account = await store.get_account(path_id(account_id, "account"))
     return account_out(account, _now(request))
 
 
@@ -188,7 +170,7 @@ async def get_account(account_id: str, request: Request, store: Store) -> Accoun
 async def top_up(account_id: str, body: TopupCreate, response: Response, store: Store) -> TopupOut:
     """Credit the balance. Idempotent on ``reference``: a repeat returns the original (200)."""
     topup, created = await store.top_up(
-        _object_id(account_id, "account"), amount=body.amount, reference=body.reference
+        path_id(account_id, "account"), amount=body.amount, reference=body.reference
     )
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -211,7 +193,7 @@ async def create_package(account_id: str, body: PackageCreate, request: Request,
             f"body.valid_until: {body.valid_until.isoformat()} is in the past; a package must end later",
         )
     package = await store.create_package(
-        _object_id(account_id, "account"),
+        path_id(account_id, "account"),
         tokens=body.tokens,
         price=body.price,
         valid_from=valid_from,
@@ -228,7 +210,7 @@ async def create_key(account_id: str, body: KeyCreate, store: Store) -> KeyCreat
     """Create an API key. The response is the only time ``api_key`` is shown."""
     secret = new_api_key_secret()
     key = await store.create_key(
-        _object_id(account_id, "account"),
+        path_id(account_id, "account"),
         name=body.name,
         billing_mode=body.billing_mode,
         package_id=body.package_id,
@@ -241,7 +223,7 @@ async def create_key(account_id: str, body: KeyCreate, store: Store) -> KeyCreat
 
 @router.get("/v1/keys/{key_id}", response_model=KeyOut)
 async def get_key(key_id: str, store: Store) -> KeyOut:
-    return key_out(await store.get_key(_object_id(key_id, "key")))
+    return key_out(await store.get_key(path_id(key_id, "key")))
 
 
 @router.patch("/v1/keys/{key_id}", response_model=KeyOut)
@@ -259,13 +241,13 @@ async def update_key(key_id: str, body: KeyUpdate, store: Store) -> KeyOut:
         daily_cap=body.daily_cap,
         monthly_cap=body.monthly_cap,
     )
-    return key_out(await store.update_key(_object_id(key_id, "key"), changes))
+    return key_out(await store.update_key(path_id(key_id, "key"), changes))
 
 
 @router.post("/v1/keys/{key_id}/revoke", response_model=KeyOut)
 async def revoke_key(key_id: str, store: Store) -> KeyOut:
     """Revoke a key for good (idempotent). A revoked key cannot be restored: create another."""
-    return key_out(await store.revoke_key(_object_id(key_id, "key")))
+    return key_out(await store.revoke_key(path_id(key_id, "key")))
 
 
 # Prices
@@ -279,7 +261,7 @@ async def put_price(
     model: str = Path(description="Exact, case-sensitive model id; may contain '/'"),
 ) -> PriceOut:
     """Add a price version for ``model``. Rows are never edited: each PUT adds a version."""
-    model = _model(model, "path.model")
+    model = model_name(model, "path.model")
     price = await store.add_price(
         model,
         effective_from=body.effective_from or _now(request),
@@ -299,41 +281,27 @@ async def list_prices(
     request: Request,
     store: Store,
     model: Annotated[str | None, Query(description="Only this model's versions")] = None,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
-    limit: Annotated[
-        int | None, Query(ge=1, description=f"Rows per page (default {DEFAULT_PAGE_LIMIT}, at most page_limit_max)")
-    ] = None,
+    cursor: Cursor = None,
+    limit: Limit = None,
 ) -> PriceList:
     """Price versions by model and effective_from, oldest first."""
-    maximum = settings_of(request).page_limit_max
-    if limit is None:
-        limit = min(DEFAULT_PAGE_LIMIT, maximum)
-    elif limit > maximum:
-        raise TollhouseError(INVALID_REQUEST, f"query.limit: {limit} is above the maximum of {maximum}")
+    limit = page_limit(request, limit)
     page = await store.list_prices(
-        model=None if model is None else _model(model, "query.model"),
-        after=None if cursor is None else _decode_cursor(cursor),
+        model=None if model is None else model_name(model, "query.model"),
+        after=None if cursor is None else decode_cursor(cursor, "prices", _parse_price_cursor),
         limit=limit,
     )
     return PriceList(
         data=[price_out(p) for p in page.rows],
-        next_cursor=None if page.next_after is None else _encode_cursor(page.next_after),
+        next_cursor=None if page.next_after is None else _price_cursor(page.next_after),
     )
 
 
-def _encode_cursor(after: PriceKey) -> str:
-    raw = json.dumps([after[0], after[1].isoformat(), after[2]], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+def _price_cursor(after: PriceKey) -> str:
+    model, effective_from, price_id = after
+    return encode_cursor("prices", [model, effective_from.isoformat(), price_id])
 
 
-def _decode_cursor(cursor: str) -> PriceKey:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        model, effective_from, price_id = json.loads(raw)
-        if not isinstance(price_id, int) or isinstance(price_id, bool) or not 0 < price_id < 2**63:
-            raise ValueError("bad cursor fields")
-        return check_model_name(model), parse_rfc3339(effective_from), price_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise TollhouseError(
-            INVALID_REQUEST, "query.cursor: not a cursor from this API; pass next_cursor from the previous page"
-        ) from None
+def _parse_price_cursor(values: list[Any]) -> PriceKey:
+    model, effective_from, price_id = values
+    return check_model_name(model), parse_rfc3339(effective_from), strict_int(price_id)

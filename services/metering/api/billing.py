@@ -15,22 +15,22 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from services.contracts.breaches import breach_view
-from services.contracts.errors import NOT_FOUND, TollhouseError
 from services.contracts.money import format_cny, format_fen
 from services.metering.api.auth import ADMIN, BILLING, require_billing_read, role_checked_route
+from services.metering.api.cursors import decode_cursor, encode_cursor, strict_int
 from services.metering.api.query import (
+    Cursor,
+    Limit,
     bad,
     check_range,
-    decode_cursor,
-    encode_cursor,
     only_params,
     page_limit,
+    path_id,
     path_month,
     query_day,
     query_id,
     query_instant,
     query_model,
-    strict_int,
 )
 from services.metering.api.schemas import OBJECT_ID, ErrorBody, check_model_name, parse_rfc3339
 from services.metering.domain.periods import local_midnight, next_month
@@ -61,11 +61,6 @@ def billing_store(request: Request) -> BillingStore:
 
 
 Store = Annotated[BillingStore, Depends(billing_store)]
-
-_CURSOR = "next_cursor of the previous page, unchanged"
-_LIMIT = "Rows per page: default 100, at most the setting TOLLHOUSE_PAGE_LIMIT_MAX (1000); more is a 400"
-Cursor = Annotated[str | None, Query(description=_CURSOR)]
-Limit = Annotated[int | None, Query(ge=1, description=_LIMIT)]
 
 
 # Responses
@@ -494,7 +489,6 @@ async def statement(account_id: str, month: str, store: Store) -> StatementOut:
     ``closing_balance = opening_balance + topups - charges + adjustments`` holds exactly in
     the decimal ``amount`` strings; the ``fen`` strings are each rounded for people.
     """
-    if not OBJECT_ID.match(account_id):
-        raise TollhouseError(NOT_FOUND, f"account {account_id[:80]!r} not found")
+    account_id = path_id(account_id, "account")
     first = path_month(month)
     return statement_out(await store.statement(account_id, first, next_month(first)))

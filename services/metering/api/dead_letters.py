@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import BaseModel, Field
@@ -30,19 +30,11 @@ from services.metering.api.auth import (
     role_checked_route,
     settings_of,
 )
-from services.metering.api.query_params import (
-    bad_cursor,
-    check_window,
-    decode_cursor,
-    encode_cursor,
-    page_limit,
-    refuse_unknown_params,
-    time_param,
-)
-from services.metering.api.schemas import OBJECT_ID, ErrorBody, parse_rfc3339
+from services.metering.api.cursors import decode_cursor, encode_cursor, strict_int
+from services.metering.api.query import Cursor, Limit, check_window, only_params, page_limit, path_id, query_instant
+from services.metering.api.schemas import ErrorBody, parse_rfc3339
 from services.metering.store.dead_letters import DeadLetterKey, DeadLetterRecord, DeadLetterStore, ReplayRecord
 
-DEFAULT_PAGE_LIMIT = 100
 REASONS = frozenset(value for name, value in vars(Reason).items() if name.isupper() and isinstance(value, str))
 
 _errors = {s: {"model": ErrorBody} for s in (400, 401, 403, 404)}
@@ -148,74 +140,60 @@ def dead_letter_out(record: DeadLetterRecord) -> DeadLetterOut:
     )
 
 
-def _dead_letter_id(value: str) -> str:
-    if not OBJECT_ID.match(value):
-        raise TollhouseError(NOT_FOUND, f"dead letter {value[:80]!r} not found")
-    return value
-
-
 # Listing
 
 
-@_read.get("/v1/dead-letters", response_model=DeadLetterList)
+@_read.get(
+    "/v1/dead-letters",
+    response_model=DeadLetterList,
+    dependencies=[Depends(only_params("reason", "from", "to", "cursor", "limit"))],
+)
 async def list_dead_letters(
     request: Request,
     reason: Annotated[str | None, Query(description="Only this reason, e.g. unknown_key")] = None,
     start: Annotated[str | None, Query(alias="from", description="received_at ≥ this (RFC 3339)")] = None,
     end: Annotated[str | None, Query(alias="to", description="received_at < this (RFC 3339)")] = None,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
-    limit: Annotated[int | None, Query(description=f"Rows per page (default {DEFAULT_PAGE_LIMIT})")] = None,
+    cursor: Cursor = None,
+    limit: Limit = None,
 ) -> DeadLetterList:
     """Dead letters, newest first: received_at, then topic, partition and offset, descending."""
-    refuse_unknown_params(request, ("reason", "from", "to", "cursor", "limit"))
-    settings = settings_of(request)
     if reason is not None and reason not in REASONS:
         raise TollhouseError(
             INVALID_REQUEST,
             f"query.reason: {reason[:80]!r} is not a dead-letter reason; one of {', '.join(sorted(REASONS))}",
         )
-    lower, upper = time_param(start, "from"), time_param(end, "to")
+    lower, upper = query_instant(start, "from"), query_instant(end, "to")
     check_window(lower, upper)
     page = await dead_letter_store(request).list(
         reason=reason,
         received_from=lower,
         received_to=upper,
-        after=None if cursor is None else _decode_cursor(cursor),
-        limit=page_limit(limit, default=DEFAULT_PAGE_LIMIT, maximum=settings.page_limit_max),
-        payload_preview_bytes=settings.dead_letter_payload_preview_bytes,
+        after=None if cursor is None else decode_cursor(cursor, "dead_letters", _parse_cursor),
+        limit=page_limit(request, limit),
+        payload_preview_bytes=settings_of(request).dead_letter_payload_preview_bytes,
     )
     return DeadLetterList(
         data=[dead_letter_out(r) for r in page.rows],
-        next_cursor=None if page.next_after is None else _encode_cursor(page.next_after),
+        next_cursor=None if page.next_after is None else _cursor(page.next_after),
     )
 
 
-def _encode_cursor(after: DeadLetterKey) -> str:
+def _cursor(after: DeadLetterKey) -> str:
     received_at, topic, partition, offset = after
-    return encode_cursor([received_at.isoformat(), topic, partition, offset])
+    return encode_cursor("dead_letters", [received_at.isoformat(), topic, partition, offset])
 
 
-def _decode_cursor(cursor: str) -> DeadLetterKey:
-    values = decode_cursor(cursor)
-    try:
-        received_at, topic, partition, offset = values
-        if not isinstance(topic, str) or not 0 < len(topic) <= 256 or not topic.isprintable():
-            raise ValueError("bad topic")
-        for number in (partition, offset):
-            if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number < 2**63:
-                raise ValueError("bad position")
-        if partition >= 2**31:
-            raise ValueError("bad partition")
-        return parse_rfc3339(received_at), topic, partition, offset
-    except (ValueError, TypeError):
-        raise bad_cursor() from None
+def _parse_cursor(values: list[Any]) -> DeadLetterKey:
+    received_at, topic, partition, offset = values
+    if not isinstance(topic, str) or not 0 < len(topic) <= 256 or not topic.isprintable():
+        raise ValueError("not a topic")
+    return parse_rfc3339(received_at), topic, strict_int(partition, 0, 2**31 - 1), strict_int(offset, 0)
 
 
-@_read.get("/v1/dead-letters/{dead_letter_id}", response_model=DeadLetterOut)
+@_read.get("/v1/dead-letters/{dead_letter_id}", response_model=DeadLetterOut, dependencies=[Depends(only_params())])
 async def get_dead_letter(dead_letter_id: str, request: Request) -> DeadLetterOut:
     """One dead letter with its whole payload."""
-    refuse_unknown_params(request, ())
-    record = await dead_letter_store(request).get(_dead_letter_id(dead_letter_id))
+    record = await dead_letter_store(request).get(path_id(dead_letter_id, "dead letter"))
     if record is None:
         raise TollhouseError(NOT_FOUND, f"dead letter {dead_letter_id} not found")
     return dead_letter_out(record)
@@ -265,6 +243,7 @@ def _replayable(record: DeadLetterRecord, request: Request) -> tuple[str | None,
     status_code=status.HTTP_201_CREATED,
     response_model=ReplayOut,
     responses={200: {"model": ReplayOut, "description": "Already replayed: the first replay's record; nothing sent"}},
+    dependencies=[Depends(only_params())],
 )
 async def replay_dead_letter(dead_letter_id: str, request: Request, response: Response) -> ReplayOut:
     """Publish the stored payload on the usage topic again, once (201); a repeat answers 200.
@@ -272,9 +251,8 @@ async def replay_dead_letter(dead_letter_id: str, request: Request, response: Re
     The consumer then books the event once (its id is the idempotency key) or, if the cause
     is not fixed, dead-letters it again as a new dead letter with the current reason.
     """
-    refuse_unknown_params(request, ())
     store = dead_letter_store(request)
-    record = await store.get(_dead_letter_id(dead_letter_id))
+    record = await store.get(path_id(dead_letter_id, "dead letter"))
     if record is None:
         raise TollhouseError(NOT_FOUND, f"dead letter {dead_letter_id} not found")
     if record.replay is not None:

@@ -17,8 +17,8 @@ from pydantic import BaseModel, Field
 from services.contracts.errors import NOT_FOUND, TollhouseError
 from services.contracts.money import format_cny
 from services.metering.api.auth import ADMIN, BILLING, require_billing_read, role_checked_route
-from services.metering.api.query_params import refuse_unknown_params
-from services.metering.api.schemas import OBJECT_ID, ErrorBody
+from services.metering.api.query import only_params, path_id
+from services.metering.api.schemas import ErrorBody
 from services.metering.domain.periods import day_resets_at, month_resets_at, zone
 from services.metering.store.quota_view import KeyQuotaRecord, QuotaViewStore
 
@@ -107,14 +107,11 @@ def quota_view_store(request: Request) -> QuotaViewStore:
     return store
 
 
-@router.get("/v1/keys/{key_id}/quota", response_model=QuotaOut)
+@router.get("/v1/keys/{key_id}/quota", response_model=QuotaOut, dependencies=[Depends(only_params())])
 async def key_quota(key_id: str, request: Request) -> QuotaOut:
     """The key's package tokens, daily and monthly spend against its caps, and the account balance."""
-    refuse_unknown_params(request, ())
-    if not OBJECT_ID.match(key_id):
-        raise TollhouseError(NOT_FOUND, f"key {key_id[:80]!r} not found")
     now = request.app.state.admin_store.now()
-    quota = await quota_view_store(request).key_quota(key_id, now)
+    quota = await quota_view_store(request).key_quota(path_id(key_id, "key"), now)
     if quota is None:
         raise TollhouseError(NOT_FOUND, f"key {key_id} not found")
     return quota_out(quota, now)

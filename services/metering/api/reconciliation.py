@@ -29,7 +29,7 @@ from services.contracts.errors import INVALID_REQUEST, PAYLOAD_TOO_LARGE, Canoni
 from services.contracts.events import MAX_TOKENS_PER_EVENT
 from services.contracts.money import format_cny
 from services.metering.api.auth import ADMIN, BILLING, require_billing_read, role_checked_route, settings_of
-from services.metering.api.query_params import page_limit, refuse_unknown_params, required_window
+from services.metering.api.query import only_params, page_limit, required_window
 from services.metering.api.schemas import ErrorBody
 from services.metering.store.reconciliation import (
     DiffResult,
@@ -126,16 +126,20 @@ def _figures(totals: SourceTotals) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/reconciliation", response_model=ReconciliationOut, response_model_by_alias=True)
+@router.get(
+    "/v1/reconciliation",
+    response_model=ReconciliationOut,
+    response_model_by_alias=True,
+    dependencies=[Depends(only_params("from", "to"))],
+)
 async def reconciliation(
     request: Request,
     start: Annotated[str, Query(alias="from", description="RFC 3339 with an offset; inclusive")],
     end: Annotated[str, Query(alias="to", description="RFC 3339 with an offset; exclusive")],
 ) -> ReconciliationOut:
     """Consumer counters and ledger totals for [from, to), overall and per source."""
-    refuse_unknown_params(request, ("from", "to"))
-    settings = settings_of(request)
-    lower, upper = required_window(start, end, max_days=settings.reconciliation_max_window_days)
+    max_days = settings_of(request).reconciliation_max_window_days
+    lower, upper = required_window(start, end, max_days=max_days)
     first_day, end_day = counter_days(lower, upper)
     by_source = await reconciliation_store(request).totals(lower, upper, first_day, end_day)
     overall = SourceTotals("")
@@ -287,6 +291,7 @@ _DIFF_BODY_DOC = {
     response_model_by_alias=True,
     responses={415: {"model": ErrorBody}},
     openapi_extra=_DIFF_BODY_DOC,
+    dependencies=[Depends(only_params("from", "to", "limit"))],
 )
 async def reconciliation_diff(
     request: Request,
@@ -295,10 +300,9 @@ async def reconciliation_diff(
     limit: Annotated[int | None, Query(description=f"Items listed per kind (default {DEFAULT_ITEM_LIMIT})")] = None,
 ) -> DiffOut:
     """Compare an upstream's per-request usage with the ledger's usage entries of [from, to)."""
-    refuse_unknown_params(request, ("from", "to", "limit"))
     settings = settings_of(request)
     lower, upper = required_window(start, end, max_days=settings.reconciliation_max_window_days)
-    item_limit = page_limit(limit, default=DEFAULT_ITEM_LIMIT, maximum=settings.page_limit_max)
+    item_limit = page_limit(request, limit, default=DEFAULT_ITEM_LIMIT)
     parser = upload_parser(request.headers.get("content-type"))
     batches = upstream_batches(request.stream(), parser, max_bytes=settings.max_request_bytes)
     result = await reconciliation_store(request).diff(lower, upper, batches, item_limit=item_limit)
