@@ -29,8 +29,10 @@ from datetime import datetime, timezone
 import asyncpg
 import msgspec
 import structlog
+from prometheus_client import Counter
 
 from services.contracts.ids import new_id
+from services.metering import metrics
 from services.metering.domain.pricing import PriceBook, PriceRow, Tier
 from services.metering.domain.quota import Decision, Holds, KeySnapshot, decide
 from services.metering.store import quota as store
@@ -130,9 +132,11 @@ class Authorizer:
     # The decision
 
     async def authorize(self, api_key: str, model: str, estimated_tokens: int = 0) -> Authorization:
+        started = time.perf_counter()
         secret_hash = hash_secret(api_key)
         snapshot = await self._snapshot(secret_hash)
         if snapshot is None:
+            _observe_decision(_UNKNOWN_KEY.reason, started)
             return Authorization(_UNKNOWN_KEY, None, None)
         now = self.clock()
         price = self.prices.at(model, now)
@@ -149,6 +153,7 @@ class Authorizer:
                 snapshot.key_id, snapshot.account_id, snapshot.package_id, decision.hold_tokens,
                 decision.hold_money, time.monotonic() + self.reservation_ttl,
             ))
+        _observe_decision(decision.reason, started)
         return Authorization(decision, snapshot, reservation_id)
 
     async def models_for(self, api_key: str) -> tuple[KeySnapshot, list[PriceRow]] | None:
@@ -283,6 +288,17 @@ class Authorizer:
                     log.info("quota_listener_reconnected")
                 except Exception as exc:
                     log.error("quota_listener_down", error=repr(exc))
+
+
+_DECISIONS_BY_REASON: dict[str, Counter] = {}
+
+
+def _observe_decision(reason: str, started: float) -> None:
+    metrics.AUTHORIZE_SECONDS.observe(time.perf_counter() - started)
+    counter = _DECISIONS_BY_REASON.get(reason)
+    if counter is None:  # reasons are the fixed codes of the error table: a small, bounded set
+        counter = _DECISIONS_BY_REASON[reason] = metrics.AUTHORIZE_DECISIONS.labels(reason)
+    counter.inc()
 
 
 def _subtract(held: dict[str, int], name: str, amount: int) -> None:

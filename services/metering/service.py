@@ -15,6 +15,7 @@ from services.metering.consumer.expiry import run_expiry_sweeper
 from services.metering.consumer.relay import OutboxRelay
 from services.metering.consumer.topics import ensure_topics
 from services.metering.consumer.worker import UsageConsumer
+from services.metering.readiness import BrokerProbe, Readiness
 from services.settings import Settings
 
 log = structlog.get_logger("tollhouse.metering")
@@ -61,12 +62,14 @@ async def run_metering(
         ]
     server = None
     authorizer = None
+    broker_probe = None
     if serve_api:
         import uvicorn
 
         from services.metering.api import authorize, dead_letters, models, quota, reconciliation
         from services.metering.api.app import create_app
         from services.metering.authorizer import Authorizer
+        from services.metering.store.admin import database_ready
         from services.metering.store.db import make_engine
 
         engine = make_engine(database_url, pool_size=settings.db_pool_size)
@@ -82,6 +85,10 @@ async def run_metering(
         )
         app.state.authorizer = authorizer
         app.state.consumer = consumer
+        if consumer is not None:  # only a consuming process uses Kafka (docs/operations.md)
+            broker_probe = BrokerProbe(settings.kafka_bootstrap_servers)
+            app.state.readiness = Readiness(lambda: database_ready(engine), broker=broker_probe,
+                                            consumer=consumer.membership)
         server = uvicorn.Server(
             uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
         )
@@ -98,6 +105,8 @@ async def run_metering(
     results = await asyncio.gather(*tasks, return_exceptions=True)
     if authorizer is not None:
         await authorizer.stop()
+    if broker_probe is not None:
+        await broker_probe.close()
     for task, result in zip(tasks, results):
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
             log.error("task_failed", task=task.get_name(), error=repr(result))

@@ -8,7 +8,7 @@ documented error shape (DESIGN §6.1), and bad input is a 4xx that names the fie
 
 from __future__ import annotations
 
-import asyncio
+import os
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -42,13 +43,14 @@ from services.contracts.errors import (
 )
 from services.metering.api import admin, billing, exports
 from services.metering.api.schemas import ErrorBody
+from services.metering.readiness import Readiness
 from services.metering.store.admin import AdminStore, database_ready, utc_now
 from services.settings import Settings
 
 log = structlog.get_logger("tollhouse.metering.api")
 
-READY_TIMEOUT_SECONDS = 2.0
 MAX_REPORTED_ERRORS = 5
+MAX_REQUEST_ID_CHARS = 128
 
 METHOD_NOT_ALLOWED = ErrorKind(405, Canonical.INVALID_ARGUMENT, "method_not_allowed", "invalid_request_error")
 
@@ -74,7 +76,8 @@ def create_app(
     clock: Callable[[], datetime] = utc_now,
 ) -> FastAPI:
     """The metering API. ``app.state`` holds ``settings``, ``engine`` and ``admin_store``
-    for routers' dependencies; the caller owns the engine (and disposes it)."""
+    for routers' dependencies, and ``readiness`` (database only until the caller wires in
+    the broker and consumer checks); the caller owns the engine (and disposes it)."""
     app = FastAPI(
         title="Tollhouse metering",
         version="1",
@@ -86,8 +89,10 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.admin_store = AdminStore(engine, clock)
+    app.state.readiness = Readiness(lambda: database_ready(engine))
     install_error_handlers(app)
     app.add_middleware(RequestBodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestIds)
     app.include_router(operations_router())
     app.include_router(admin.router)
     app.include_router(billing.router)
@@ -101,6 +106,16 @@ def create_app(
 # Health and metrics
 
 
+class ReadyBody(BaseModel):
+    status: str = Field(description="'ok'")
+    database: str = Field(description="'ok'")
+    broker: str = Field(description="'ok', or 'not used' when this process runs no consumer (--no-consumer)")
+    consumer: str = Field(description="'ok' (a member of the consumer group), or 'off' (--no-consumer)")
+    partitions: list[int] | None = Field(
+        None, description="usage-topic partitions assigned to this consumer (may be empty: a standby member)"
+    )
+
+
 def operations_router() -> APIRouter:
     router = APIRouter(tags=["operations"])
 
@@ -109,16 +124,15 @@ def operations_router() -> APIRouter:
         """The process is up."""
         return {"status": "ok"}
 
-    @router.get("/readyz", responses={503: {"model": ErrorBody}})
-    async def readyz(request: Request) -> dict[str, str]:
-        """The process can serve: the database answers."""
-        try:
-            await asyncio.wait_for(database_ready(request.app.state.engine), READY_TIMEOUT_SECONDS)
-        except Exception as exc:  # any failure means not ready; say which kind
-            raise TollhouseError(
-                UNAVAILABLE, f"database not ready: {type(exc).__name__}; check TOLLHOUSE_DATABASE_URL and the server"
-            ) from None
-        return {"status": "ok", "database": "ok"}
+    @router.get("/readyz", response_model=ReadyBody, response_model_exclude_none=True,
+                responses={503: {"model": ErrorBody, "description": "Not ready: the message names each cause"}})
+    async def readyz(request: Request) -> dict[str, Any]:
+        """The process can serve: the database answers and, when it runs the consumer, the
+        Kafka cluster answers and the consumer is a member of its group (docs/operations.md)."""
+        report = await request.app.state.readiness.check()
+        if report.problems:
+            raise TollhouseError(UNAVAILABLE, "not ready: " + "; ".join(report.problems))
+        return {"status": "ok", **report.checks, "partitions": report.partitions}
 
     @router.get("/metrics", response_class=Response)
     async def metrics() -> Response:
@@ -239,6 +253,38 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled_error", path=request.url.path, exc_info=exc)
         return error_response(INTERNAL, "internal error; the server log has the details")
+
+
+# Request ids: every log line of one request carries the same request_id.
+
+
+class RequestIds:
+    """Take the caller's ``X-Request-ID`` (printable ASCII, at most 128 characters) or make
+    one; bind it to the log context and return it in the ``X-Request-ID`` response header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, b"x-request-id")
+        if given and len(given) <= MAX_REQUEST_ID_CHARS and given.isprintable() and given.isascii():
+            request_id = given
+        else:
+            request_id = os.urandom(12).hex()
+        # Not reset afterwards: the error handlers outside this middleware log with it too,
+        # and the server runs each request in a task of its own.
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        header = (b"x-request-id", request_id.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 # Request size: a limit on every body, enforced before anything parses it.

@@ -19,8 +19,10 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
+from services.contracts.ids import new_id
 from services.metering import metrics
 from services.metering.consumer.batch import BatchConfig, BatchOutcome, Record, process_batch
+from services.metering.consumer.membership import GroupMembership
 from services.metering.store.ingest import Fenced, PriceCache, connect, stored_offset
 from services.settings import Settings
 
@@ -28,6 +30,7 @@ log = structlog.get_logger("tollhouse.consumer")
 
 RETRY_MIN_SECONDS = 0.2
 RETRY_MAX_SECONDS = 10.0
+LAG_REPORT_SECONDS = 1.0
 
 
 class _OffsetListener(ConsumerRebalanceListener):
@@ -35,15 +38,23 @@ class _OffsetListener(ConsumerRebalanceListener):
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.worker.membership.rebalancing()
         # Let the batch in flight finish (its commit is fenced anyway), then forget them.
         await self.worker.batch_idle.wait()
         for tp in revoked:
             self.worker.positions.pop(tp.partition, None)
+        self.worker.membership.released(tp.partition for tp in revoked)
         if revoked:
             log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        await self.worker.seek_to_stored(assigned)
+        try:
+            await self.worker.seek_to_stored(assigned)
+        except Exception as exc:
+            self.worker.membership.failed(exc)
+            log.error("partitions_not_taken_up", partitions=sorted(tp.partition for tp in assigned), error=repr(exc))
+            raise
+        self.worker.membership.joined(tp.partition for tp in assigned)
         if assigned:
             log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
@@ -66,6 +77,8 @@ class UsageConsumer:
         self.batch_idle = asyncio.Event()
         self.batch_idle.set()
         self.assigned = asyncio.Event()
+        self.membership = GroupMembership(settings.consumer_group)
+        self._lag_reported_at = 0.0
         self.totals = BatchOutcome()
         self.on_commit: list = []  # callbacks(outcome) after each committed batch
         self._consumer: AIOKafkaConsumer | None = None
@@ -111,21 +124,26 @@ class UsageConsumer:
                 batch = await consumer.getmany(
                     timeout_ms=self.settings.consumer_poll_ms, max_records=self.settings.consumer_batch_max
                 )
+                if time.monotonic() - self._lag_reported_at >= LAG_REPORT_SECONDS:
+                    self._report_lag()
                 if not batch:
                     continue
-                try:
-                    await self._book(batch)
-                    delay = RETRY_MIN_SECONDS
-                except Exception as exc:  # roll back to what the database holds and retry
-                    await self._rewind(batch)
-                    if isinstance(exc, Fenced):
-                        metrics.BATCHES_FENCED.inc()
-                        log.warning("batch_fenced", partition=exc.partition, expected=exc.expected)
-                    else:
-                        log.error("batch_failed", error=repr(exc), retry_in=delay)
-                        await _sleep_unless(stop, delay)
-                        delay = min(delay * 2, RETRY_MAX_SECONDS)
+                # Every log line about this batch carries its id and the offsets it covers.
+                with structlog.contextvars.bound_contextvars(batch_id=new_id("bat"), offsets=_offset_ranges(batch)):
+                    try:
+                        await self._book(batch)
+                        delay = RETRY_MIN_SECONDS
+                    except Exception as exc:  # roll back to what the database holds and retry
+                        await self._rewind(batch)
+                        if isinstance(exc, Fenced):
+                            metrics.BATCHES_FENCED.inc()
+                            log.warning("batch_fenced", partition=exc.partition, expected=exc.expected)
+                        else:
+                            log.error("batch_failed", error=repr(exc), retry_in=delay)
+                            await _sleep_unless(stop, delay)
+                            delay = min(delay * 2, RETRY_MAX_SECONDS)
         finally:
+            self.membership.left()
             await consumer.stop()
             if self._conn is not None and not self._conn.is_closed():
                 await self._conn.close()
@@ -134,6 +152,7 @@ class UsageConsumer:
     async def _book(self, batch: dict[TopicPartition, list]) -> None:
         records: list[Record] = []
         moves: dict[int, tuple[int, int]] = {}
+        produced_at: list[int] = []  # Kafka timestamp (ms) of each partition's oldest message
         for tp, messages in batch.items():
             if tp.partition not in self.positions or not messages:
                 continue  # revoked while fetched
@@ -143,6 +162,8 @@ class UsageConsumer:
                 continue
             records.extend(Record(tp.partition, m.offset, m.key, m.value) for m in fresh)
             moves[tp.partition] = (expected, fresh[-1].offset + 1)
+            if fresh[0].timestamp is not None and fresh[0].timestamp > 0:
+                produced_at.append(fresh[0].timestamp)
         if not moves:
             return
         self.batch_idle.clear()
@@ -156,13 +177,24 @@ class UsageConsumer:
         for partition, (_, new) in moves.items():
             self.positions[partition] = new
         self._observe(outcome, time.perf_counter() - started, committed_at)
-        for partition, (_, new) in moves.items():
-            highwater = self._consumer.highwater(TopicPartition(self.config.topic, partition))
-            if highwater is not None:  # as of the last fetch: good enough for a lag gauge
-                metrics.CONSUMER_LAG.labels(str(partition)).set(max(highwater - new, 0))
+        committed_ms = committed_at.timestamp() * 1000
+        for timestamp in produced_at:
+            metrics.PRODUCE_TO_COMMIT_SECONDS.observe(max(committed_ms - timestamp, 0) / 1000)
+        self._report_lag()
         await self._commit_to_kafka(moves)
         for callback in self.on_commit:
             callback(outcome)
+
+    def _report_lag(self) -> None:
+        """Lag of each owned partition: its end (as of the last fetch) minus the offset the
+        database holds. Also while idle or failing, so the gauge never freezes."""
+        self._lag_reported_at = time.monotonic()
+        if self._consumer is None:
+            return
+        for partition, position in list(self.positions.items()):
+            highwater = self._consumer.highwater(TopicPartition(self.config.topic, partition))
+            if highwater is not None:
+                metrics.CONSUMER_LAG.labels(str(partition)).set(max(highwater - position, 0))
 
     async def _rewind(self, batch: dict[TopicPartition, list]) -> None:
         """After a rollback, read again from the offsets the database holds."""
@@ -218,6 +250,11 @@ class UsageConsumer:
             "batch_committed", received=outcome.received, accepted=outcome.accepted,
             duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered, seconds=round(seconds, 4),
         )
+
+
+def _offset_ranges(batch: dict[TopicPartition, list]) -> dict[str, list[int]]:
+    """``{"3": [first, last]}``: the offsets fetched per partition, for the log."""
+    return {str(tp.partition): [messages[0].offset, messages[-1].offset] for tp, messages in batch.items() if messages}
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
