@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import re
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -162,6 +164,19 @@ def create_app(
         """multipart/form-data, passed through; a batch file's model and lines are noted."""
         return await proxy_of(request).upload_file(request)
 
+    @app.get("/v1/files", tags=["openai"])
+    async def list_files(request: Request) -> Response:
+        """This account's files (uploaded through this gateway, or written by its batch jobs)."""
+        return await proxy_of(request).list_files(request)
+
+    @app.get("/v1/files/{file_id}", tags=["openai"])
+    async def retrieve_file(request: Request, file_id: str) -> Response:
+        return await proxy_of(request).retrieve_file(request, file_id)
+
+    @app.delete("/v1/files/{file_id}", tags=["openai"])
+    async def delete_file(request: Request, file_id: str) -> Response:
+        return await proxy_of(request).delete_file(request, file_id)
+
     @app.get("/v1/files/{file_id}/content", tags=["openai"])
     async def file_content(request: Request, file_id: str) -> Response:
         return await proxy_of(request).file_content(request, file_id)
@@ -171,9 +186,19 @@ def create_app(
         """A Batch API job: one request, billed once when it ends."""
         return await proxy_of(request).create_batch(request)
 
+    @app.get("/v1/batches", tags=["openai"])
+    async def list_batches(request: Request) -> Response:
+        """This account's Batch API jobs, newest first."""
+        return await proxy_of(request).list_batches(request)
+
     @app.get("/v1/batches/{batch_id}", tags=["openai"])
     async def get_batch(request: Request, batch_id: str) -> Response:
         return await proxy_of(request).get_batch(request, batch_id)
+
+    @app.post("/v1/batches/{batch_id}/cancel", tags=["openai"])
+    async def cancel_batch(request: Request, batch_id: str) -> Response:
+        """Billed when it has ended: the lines it ran, as one ``cancelled`` event."""
+        return await proxy_of(request).cancel_batch(request, batch_id)
 
     return app
 
@@ -219,19 +244,20 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 # Request metrics, by route template so callers cannot grow the label set.
 
-_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/files", "/v1/batches"}
-_PREFIXES = (("/v1/batches/", "/v1/batches/{id}"), ("/v1/files/", "/v1/files/{id}/content"),
-             ("/v1/models/", "/v1/models/{id}"))
 _UNCOUNTED = {"/metrics", "/healthz", "/readyz"}
+_PATH_PARAMETER = re.compile(r"\{[^}]*\}")
 
 
-def _route_label(path: str) -> str:
-    if path in _ROUTES:
-        return path
-    for prefix, label in _PREFIXES:
-        if path.startswith(prefix):
-            return label
-    return "other"
+@functools.lru_cache(maxsize=64)
+def _template_label(template: str) -> str:
+    """``/v1/batches/{batch_id}/cancel`` → ``/v1/batches/{id}/cancel``."""
+    return _PATH_PARAMETER.sub("{id}", template)
+
+
+def _route_label(scope: Scope) -> str:
+    """The matched route's template; ``other`` for paths no route matched."""
+    route = scope.get("route")
+    return _template_label(route.path) if route is not None else "other"
 
 
 class RequestMetrics:
@@ -254,7 +280,7 @@ class RequestMetrics:
             await self.app(scope, receive, counted_send)
         finally:
             model = (scope.get("state") or {}).get("model", "")
-            metrics.REQUESTS.labels(_route_label(scope["path"]), model, str(status)).inc()
+            metrics.REQUESTS.labels(_route_label(scope), model, str(status)).inc()
 
 
 # Serving

@@ -104,17 +104,15 @@ class BatchTracker:
         """Spool the job's usage event if it has ended and was not billed yet. True when
         this call spooled it."""
         status = TERMINAL_STATUS.get(batch.get("status"))  # type: ignore[arg-type]
-        if status is None:
-            return False
+        if status is None or record.emitted_event_id is not None:
+            return False  # running, or billed (its result files were recorded before that)
         await self._own_result_files(record, batch)
-        if record.emitted_event_id is not None:
-            return False
+        counts = batch.get("request_counts") if isinstance(batch.get("request_counts"), dict) else {}
         usage, estimated = usage_from(batch.get("usage")), False
         if usage is None:
             usage = await self._usage_from_output(batch)
-        if usage is None:  # nothing to go by: bill the input estimate rather than nothing
-            usage, estimated = Usage(record.prompt_estimate if status != "error" else 0, 0), True
-        counts = batch.get("request_counts") if isinstance(batch.get("request_counts"), dict) else {}
+        if usage is None:  # nothing to go by: bill an estimate of the work done rather than nothing
+            usage, estimated = Usage(estimated_prompt_done(record.prompt_estimate, status, counts), 0), True
         inputs = max(1, _int(counts.get("total")) or record.lines)
         event = build_usage_event(
             account_id=record.account_id, key_id=record.key_id, model=record.model,
@@ -198,6 +196,18 @@ class BatchTracker:
                 await asyncio.wait_for(stop.wait(), self.settings.batch_poll_seconds)
             except asyncio.TimeoutError:
                 pass
+
+
+def estimated_prompt_done(prompt_estimate: int, status: str, counts: dict) -> int:
+    """Prompt tokens of the lines a job ran, from the upload's estimate, for a job that
+    reports no usage: all of them when it completed, none when it failed, the completed
+    share when it was cancelled or expired (all of them when it does not say)."""
+    if status == "error":
+        return 0
+    total, completed = _int(counts.get("total")), _int(counts.get("completed"))
+    if status == "ok" or not total or completed is None:
+        return prompt_estimate
+    return prompt_estimate * min(completed, total) // total
 
 
 def _ended_at(batch: dict) -> datetime:

@@ -24,13 +24,18 @@ class MeteringUnavailable(RuntimeError):
     pass
 
 
-class Authorization(msgspec.Struct, frozen=True):
+class KeyVerdict(msgspec.Struct, frozen=True):
+    """What both of metering's answers say about the key: allowed or why not, and whose it is."""
+
     allowed: bool
     code: int
     reason: str
     msg: str
     key_id: str | None = None
     account_id: str | None = None
+
+
+class Authorization(KeyVerdict, frozen=True):
     billing_mode: str | None = None
     reservation_id: str | None = None
 
@@ -40,13 +45,7 @@ class ModelEntry(msgspec.Struct, frozen=True):
     created: int = 0
 
 
-class KeyModels(msgspec.Struct, frozen=True):
-    allowed: bool
-    code: int
-    reason: str
-    msg: str
-    key_id: str | None = None
-    account_id: str | None = None
+class KeyModels(KeyVerdict, frozen=True):
     tier: str | None = None
     models: list[ModelEntry] = []
 

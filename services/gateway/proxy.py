@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import httpx
 import msgspec
@@ -55,6 +57,11 @@ MAX_API_KEY_CHARS = 512
 MAX_MODEL_CHARS = 256
 MULTIPART_OVERHEAD = 64 * 1024  # room for the form fields around an uploaded file
 MAX_ERROR_BODY_BYTES = 1024 * 1024
+# Lists of files and batch jobs come from this gateway's ownership records, each object
+# fetched from upstream: at most this many objects a page (the cursor pages on), and this
+# many upstream requests at a time.
+LIST_PAGE_MAX = 100
+LIST_FETCHES_AT_ONCE = 16
 
 # Request headers never forwarded: hop-by-hop, the caller's credentials (upstream gets
 # the gateway's own key), and what httpx sets itself.
@@ -427,14 +434,50 @@ class Proxy:
                     summary.reserve_estimate if summary else 0))
         return _upstream_error(upstream, upstream.content)
 
-    async def file_content(self, request: Request, file_id: str) -> Response:
+    async def list_files(self, request: Request) -> Response:
+        """The account's files, newest first (``order=asc`` for oldest first), ``purpose``
+        filtered, paged with ``after``; each object as upstream has it now."""
         key = await self.identify(api_key_of(request))
-        record = await self.spool.file(file_id)
-        if record is None or record.account_id != key.account_id:
-            raise TollhouseError(errors.NOT_FOUND, f"No file {file_id!r} belongs to this account.")
+        assert key.account_id
+        query = request.query_params
+        limit = min(_query_int(query.get("limit"), "limit", default=10_000, most=10_000), LIST_PAGE_MAX)
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise TollhouseError(errors.INVALID_REQUEST, "query order: must be 'asc' or 'desc'")
+        purpose = query.get("purpose")
+
+        async def page_of_records(after: str | None, size: int) -> list[FileRecord]:
+            return await self.spool.account_files(key.account_id, after=after, limit=size,  # type: ignore[arg-type]
+                                                  newest_first=order == "desc", purpose=purpose)
+
+        async def upstream_file(record: FileRecord) -> dict | None:
+            found = await self._upstream_object(request, f"files/{record.file_id}")
+            if found is None:  # deleted or expired upstream: no longer listed
+                await self.spool.forget_file(record.file_id)
+            return found
+
+        files, more = await _owned_page(page_of_records, upstream_file, lambda r: r.file_id,
+                                        query.get("after"), limit)
+        return _list_reply(files, more)
+
+    async def retrieve_file(self, request: Request, file_id: str) -> Response:
+        await self._owned_file(request, file_id)
+        upstream = await self._forward(request, "GET", f"files/{file_id}")
+        return _upstream_error(upstream, upstream.content)
+
+    async def delete_file(self, request: Request, file_id: str) -> Response:
+        await self._owned_file(request, file_id)
+        upstream = await self._forward(request, "DELETE", f"files/{file_id}")
+        if upstream.status_code in (200, 404):  # gone either way
+            await self.spool.forget_file(file_id)
+        return _upstream_error(upstream, upstream.content)
+
+    async def file_content(self, request: Request, file_id: str) -> Response:
+        await self._owned_file(request, file_id)
         try:
-            upstream = await self.upstream.send(self.upstream.build_request("GET", f"files/{file_id}/content"),
-                                                stream=True)
+            upstream = await self.upstream.send(
+                self.upstream.build_request("GET", f"files/{file_id}/content", headers=_forward_headers(request)),
+                stream=True)
         except httpx.HTTPError as exc:
             raise _unreachable(exc) from None
         if upstream.status_code != 200:
@@ -445,6 +488,15 @@ class Proxy:
             return _upstream_error(upstream, content)
         return StreamingResponse(upstream.aiter_bytes(), status_code=200, headers=_reply_headers(upstream),
                                  background=BackgroundTask(upstream.aclose))
+
+    async def _owned_file(self, request: Request, file_id: str) -> FileRecord:
+        """The file's record, if the caller's account owns it (uploaded it, or its batch job
+        wrote it); otherwise 404, as if it did not exist."""
+        key = await self.identify(api_key_of(request))
+        record = await self.spool.file(file_id)
+        if record is None or record.account_id != key.account_id:
+            raise TollhouseError(errors.NOT_FOUND, f"No file {file_id!r} belongs to this account.")
+        return record
 
     # Batches
 
@@ -473,10 +525,7 @@ class Proxy:
             await self.meter(call, usage_from(reply.usage) or ZERO, status="error",
                              request_id=reply.id or upstream.headers.get("x-request-id"))
             return _upstream_error(upstream, upstream.content)
-        try:
-            batch = orjson.loads(upstream.content)
-        except orjson.JSONDecodeError:
-            batch = None
+        batch = _json_or_none(upstream.content)
         batch_id = batch.get("id") if isinstance(batch, dict) else None
         if not isinstance(batch_id, str) or not batch_id:
             log.error("batch_without_id", status=upstream.status_code)
@@ -489,26 +538,124 @@ class Proxy:
             await self.batches.settle(batch_record, batch)
         return _passthrough(upstream, upstream.content)
 
+    async def list_batches(self, request: Request) -> Response:
+        """The account's batch jobs, newest first, paged with ``after``; each as upstream has
+        it now (an ended job seen here is billed, as on ``GET``)."""
+        key = await self.identify(api_key_of(request))
+        assert key.account_id
+        query = request.query_params
+        limit = _query_int(query.get("limit"), "limit", default=20, most=LIST_PAGE_MAX)
+
+        async def page_of_records(after: str | None, size: int) -> list[BatchRecord]:
+            return await self.spool.account_batches(key.account_id, after=after, limit=size)  # type: ignore[arg-type]
+
+        async def upstream_batch(record: BatchRecord) -> dict | None:
+            batch = await self._upstream_object(request, f"batches/{record.batch_id}")
+            if batch is not None:
+                await self._settle_if_ended(record, batch)
+            return batch
+
+        batches, more = await _owned_page(page_of_records, upstream_batch, lambda r: r.batch_id,
+                                          query.get("after"), limit)
+        return _list_reply(batches, more)
+
     async def get_batch(self, request: Request, batch_id: str) -> Response:
+        return await self._batch_call(request, batch_id, "GET", f"batches/{batch_id}")
+
+    async def cancel_batch(self, request: Request, batch_id: str) -> Response:
+        """Cancel at upstream. The job is billed once it has ended (``cancelled``, usually a
+        little later): the lines it ran, as a ``cancelled`` event."""
+        return await self._batch_call(request, batch_id, "POST", f"batches/{batch_id}/cancel")
+
+    async def _batch_call(self, request: Request, batch_id: str, method: str, path: str) -> Response:
+        """A call on one job, only for the account that owns it (else 404); the job it
+        answers with is billed if it has ended."""
         key = await self.identify(api_key_of(request))
         record = await self.spool.batch(batch_id)
         if record is None or record.account_id != key.account_id:
             raise TollhouseError(errors.NOT_FOUND, f"No batch {batch_id!r} belongs to this account.")
+        upstream = await self._forward(request, method, path)
+        if upstream.status_code == 200:
+            await self._settle_if_ended(record, _json_or_none(upstream.content))
+        return _upstream_error(upstream, upstream.content)
+
+    async def _settle_if_ended(self, record: BatchRecord, batch: Any) -> None:
+        if isinstance(batch, dict) and batch.get("status") in TERMINAL_STATUS:
+            try:
+                await self.batches.settle(record, batch)
+            except Exception as exc:  # the poller bills it later; the caller still gets the job
+                log.error("batch_settle_failed", batch_id=record.batch_id, error=repr(exc))
+
+    # Upstream calls that are not billed
+
+    async def _forward(self, request: Request, method: str, path: str) -> httpx.Response:
         try:
-            upstream = await self.upstream.get(f"batches/{batch_id}")
+            return await self.upstream.request(method, path, headers=_forward_headers(request))
         except httpx.HTTPError as exc:
             raise _unreachable(exc) from None
-        if upstream.status_code == 200:
-            try:
-                batch = orjson.loads(upstream.content)
-            except orjson.JSONDecodeError:
-                batch = None
-            if isinstance(batch, dict) and batch.get("status") in TERMINAL_STATUS:
-                try:
-                    await self.batches.settle(record, batch)
-                except Exception as exc:  # the poller bills it later; the caller still gets the job
-                    log.error("batch_settle_failed", batch_id=batch_id, error=repr(exc))
-        return _upstream_error(upstream, upstream.content)
+
+    async def _upstream_object(self, request: Request, path: str) -> dict | None:
+        """One object for a list: None when upstream no longer has it; any other failure
+        fails the list (503)."""
+        upstream = await self._forward(request, "GET", path)
+        if upstream.status_code == 404:
+            return None
+        found = _json_or_none(upstream.content) if upstream.status_code == 200 else None
+        if not isinstance(found, dict):
+            log.warning("upstream_list_object_failed", path=path, status=upstream.status_code)
+            raise TollhouseError(errors.UNAVAILABLE, f"The upstream model service answered HTTP {upstream.status_code}"
+                                 " for an object of this list. Retry shortly.")
+        return found
+
+
+Owned = TypeVar("Owned")
+
+
+async def _owned_page(page_of_records: Callable[[str | None, int], Awaitable[Sequence[Owned]]],
+                      fetch: Callable[[Owned], Awaitable[dict | None]], id_of: Callable[[Owned], str],
+                      after: str | None, limit: int) -> tuple[list[dict], bool]:
+    """Up to ``limit`` upstream objects for the account's records after ``after``, in
+    record order, and whether more records follow. Records upstream no longer has are
+    skipped (and the page filled from the next ones)."""
+    objects: list[dict] = []
+    gate = asyncio.Semaphore(LIST_FETCHES_AT_ONCE)
+
+    async def fetch_gated(record: Owned) -> dict | None:
+        async with gate:
+            return await fetch(record)
+
+    while True:
+        wanted = limit - len(objects)
+        records = await page_of_records(after, wanted + 1)
+        taken = records[:wanted]
+        found = await asyncio.gather(*(fetch_gated(r) for r in taken))
+        objects.extend(o for o in found if o is not None)
+        more = len(records) > wanted
+        if not more or len(objects) >= limit:
+            return objects, more
+        after = id_of(taken[-1])
+
+
+def _list_reply(objects: list[dict], more: bool) -> Response:
+    return Response(orjson.dumps({
+        "object": "list", "data": objects, "has_more": more,
+        "first_id": objects[0].get("id") if objects else None, "last_id": objects[-1].get("id") if objects else None,
+    }), media_type="application/json")
+
+
+def _query_int(raw: str | None, name: str, *, default: int, most: int) -> int:
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
+        raise TollhouseError(errors.INVALID_REQUEST, f"query {name}: must be an integer in 1..{most}")
+    return int(raw)
+
+
+def _json_or_none(content: bytes) -> Any:
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
 
 
 async def _read_limited(upstream: httpx.Response, limit: int | None) -> bytes:

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS files (
     lines            INTEGER NOT NULL DEFAULT 0,
     prompt_estimate  INTEGER NOT NULL DEFAULT 0,
     reserve_estimate INTEGER NOT NULL DEFAULT 0,
-    created_at       REAL NOT NULL
+    created_at       REAL NOT NULL,
+    deleted_at       REAL
 );
 CREATE TABLE IF NOT EXISTS batches (
     batch_id         TEXT PRIMARY KEY,
@@ -55,7 +56,16 @@ CREATE TABLE IF NOT EXISTS batches (
     emitted_at       REAL
 );
 CREATE INDEX IF NOT EXISTS batches_pending ON batches (created_at) WHERE emitted_event_id IS NULL;
+CREATE INDEX IF NOT EXISTS batches_by_account ON batches (account_id, created_at, batch_id);
 """
+# After the files table exists in its current shape (spool files written before
+# DELETE /v1/files was routed have no deleted_at).
+_FILES_BY_ACCOUNT = "CREATE INDEX IF NOT EXISTS files_by_account ON files (account_id, created_at, file_id)"
+_FILE_COLUMNS = "file_id, account_id, key_id, purpose, model, lines, prompt_estimate, reserve_estimate"
+_BATCH_COLUMNS = ("batch_id, account_id, key_id, model, input_file_id, lines, prompt_estimate, reservation_id,"
+                  " emitted_event_id")
+# What a result file of a batch job is recorded as (purpose), and what it is listed as.
+RESULT_FILE_PURPOSES = {"batch_output": ("batch_output", "batch_error")}
 
 
 class SpoolError(RuntimeError):
@@ -122,6 +132,9 @@ class Spool:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(_SCHEMA)
+        if "deleted_at" not in {row[1] for row in conn.execute("PRAGMA table_info(files)")}:
+            conn.execute("ALTER TABLE files ADD COLUMN deleted_at REAL")
+        conn.execute(_FILES_BY_ACCOUNT)
         self._conn = conn
         count, size = conn.execute("SELECT count(*), coalesce(sum(length(key) + length(value)), 0) FROM events").fetchone()
         return count, size
@@ -245,13 +258,64 @@ class Spool:
             )
 
     async def file(self, file_id: str) -> FileRecord | None:
+        """Who owns the file (None when unknown here, or deleted)."""
         return await self._call(self._file, file_id)
 
     def _file(self, file_id: str) -> FileRecord | None:
         row = self._connection().execute(
-            "SELECT file_id, account_id, key_id, purpose, model, lines, prompt_estimate, reserve_estimate"
-            " FROM files WHERE file_id = ?", (file_id,)).fetchone()
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE file_id = ? AND deleted_at IS NULL", (file_id,)).fetchone()
         return FileRecord(*row) if row else None
+
+    async def forget_file(self, file_id: str) -> None:
+        """The file was deleted: it is no longer listed or served; its row stays, so a batch
+        job seen again does not bring its result file back."""
+        await self._call(self._forget_file, file_id)
+
+    def _forget_file(self, file_id: str) -> None:
+        conn = self._connection()
+        with _transaction(conn):
+            conn.execute("UPDATE files SET deleted_at = ? WHERE file_id = ? AND deleted_at IS NULL",
+                         (time.time(), file_id))
+
+    async def account_files(self, account_id: str, *, after: str | None, limit: int, newest_first: bool,
+                            purpose: str | None = None) -> list[FileRecord]:
+        """One page of the account's files in upload order (newest first by default),
+        starting after the file ``after``; an ``after`` the account does not own gives []."""
+        return await self._call(self._account_files, account_id, after, limit, newest_first, purpose)
+
+    def _account_files(self, account_id: str, after: str | None, limit: int, newest_first: bool,
+                       purpose: str | None) -> list[FileRecord]:
+        where, params = ["account_id = ?", "deleted_at IS NULL"], [account_id]
+        if purpose is not None:
+            purposes = RESULT_FILE_PURPOSES.get(purpose, (purpose,))
+            where.append(f"purpose IN ({', '.join('?' * len(purposes))})")
+            params.extend(purposes)
+        rows = self._page("files", "file_id", _FILE_COLUMNS, where, params, account_id, after, limit, newest_first)
+        return [FileRecord(*row) for row in rows]
+
+    async def account_batches(self, account_id: str, *, after: str | None, limit: int) -> list[BatchRecord]:
+        """One page of the account's batch jobs, newest first, starting after the job ``after``."""
+        return await self._call(self._account_batches, account_id, after, limit)
+
+    def _account_batches(self, account_id: str, after: str | None, limit: int) -> list[BatchRecord]:
+        rows = self._page("batches", "batch_id", _BATCH_COLUMNS, ["account_id = ?"], [account_id], account_id,
+                          after, limit, True)
+        return [BatchRecord(*row) for row in rows]
+
+    def _page(self, table: str, id_column: str, columns: str, where: list[str], params: list, account_id: str,
+              after: str | None, limit: int, newest_first: bool) -> list[tuple]:
+        conn = self._connection()
+        if after is not None:
+            cursor = conn.execute(f"SELECT created_at FROM {table} WHERE {id_column} = ? AND account_id = ?",
+                                  (after, account_id)).fetchone()
+            if cursor is None:
+                return []
+            where = [*where, f"(created_at, {id_column}) {'<' if newest_first else '>'} (?, ?)"]
+            params = [*params, cursor[0], after]
+        order = "DESC" if newest_first else "ASC"
+        return conn.execute(
+            f"SELECT {columns} FROM {table} WHERE {' AND '.join(where)}"
+            f" ORDER BY created_at {order}, {id_column} {order} LIMIT ?", (*params, limit)).fetchall()
 
     async def record_batch(self, record: BatchRecord) -> None:
         await self._call(self._record_batch, record)
@@ -270,9 +334,8 @@ class Spool:
         return await self._call(self._batch, batch_id)
 
     def _batch(self, batch_id: str) -> BatchRecord | None:
-        row = self._connection().execute(
-            "SELECT batch_id, account_id, key_id, model, input_file_id, lines, prompt_estimate, reservation_id,"
-            " emitted_event_id FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        row = self._connection().execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE batch_id = ?",
+                                         (batch_id,)).fetchone()
         return BatchRecord(*row) if row else None
 
     async def pending_batches(self, limit: int) -> list[BatchRecord]:
@@ -281,8 +344,7 @@ class Spool:
 
     def _pending_batches(self, limit: int) -> list[BatchRecord]:
         rows = self._connection().execute(
-            "SELECT batch_id, account_id, key_id, model, input_file_id, lines, prompt_estimate, reservation_id,"
-            " emitted_event_id FROM batches WHERE emitted_event_id IS NULL ORDER BY created_at LIMIT ?",
+            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE emitted_event_id IS NULL ORDER BY created_at LIMIT ?",
             (limit,)).fetchall()
         return [BatchRecord(*row) for row in rows]
 

@@ -473,6 +473,112 @@ async def test_a_batch_needs_an_input_file_of_the_same_account(stack: Stack) -> 
     assert await usage_events(stack.settings, 0, settle=0.5) == []
 
 
+async def test_files_are_listed_retrieved_and_deleted_only_by_their_account(stack: Stack) -> None:
+    async with stack.async_client() as client, stack.async_client(OTHER_ACCOUNT) as stranger:
+        mine = [await client.files.create(file=(f"in{i}.jsonl", batch_file(1), "application/jsonl"), purpose="batch")
+                for i in range(3)]
+        notes = await client.files.create(file=("notes.txt", b"hello", "text/plain"), purpose="user_data")
+        theirs = await stranger.files.create(file=("x.jsonl", batch_file(1, "gpt-3.5-turbo-instruct"),
+                                                   "application/jsonl"), purpose="batch")
+
+        newest_first = [notes.id] + [f.id for f in reversed(mine)]
+        assert [f.id async for f in client.files.list(limit=2)] == newest_first  # paged by two
+        first = await client.files.list(limit=2)
+        assert [f.id for f in first.data] == newest_first[:2] and first.has_more
+        assert [f.id for f in (await client.files.list(order="asc")).data] == newest_first[::-1]
+        assert [f.id for f in (await client.files.list(purpose="batch")).data] == newest_first[1:]
+        assert [f.id for f in (await stranger.files.list()).data] == [theirs.id]
+
+        retrieved = await client.files.retrieve(mine[0].id)
+        assert (retrieved.id, retrieved.filename, retrieved.purpose) == (mine[0].id, "in0.jsonl", "batch")
+        for call in (stranger.files.retrieve, stranger.files.delete, stranger.files.content):
+            with pytest.raises(openai.NotFoundError):
+                await call(mine[0].id)
+
+        deleted = await client.files.delete(mine[0].id)
+        assert deleted.deleted and deleted.id == mine[0].id
+        with pytest.raises(openai.NotFoundError):
+            await client.files.retrieve(mine[0].id)
+        with pytest.raises(openai.NotFoundError):  # nor can a batch use it any more
+            await client.batches.create(input_file_id=mine[0].id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+        assert [f.id for f in (await client.files.list()).data] == newest_first[:-1]
+    assert await usage_events(stack.settings, 0, settle=0.5) == []  # files are not billed
+
+
+async def test_batches_are_listed_newest_first_for_their_account_only(stack: Stack) -> None:
+    async with stack.async_client() as client, stack.async_client(OTHER_ACCOUNT) as stranger:
+        jobs = []
+        for lines in (2, 3):
+            uploaded = await client.files.create(file=("in.jsonl", batch_file(lines), "application/jsonl"),
+                                                 purpose="batch")
+            jobs.append(await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                                    completion_window="24h"))
+        assert [b.id async for b in client.batches.list(limit=1)] == [jobs[1].id, jobs[0].id]
+        assert (await stranger.batches.list()).data == []
+
+        async def all_completed():
+            listed = (await client.batches.list()).data
+            return listed if {b.status for b in listed} == {"completed"} else None
+
+        listed = await eventually(all_completed)
+        assert [b.request_counts.total for b in listed] == [3, 2]
+        outputs = {f.id for f in (await client.files.list(purpose="batch_output")).data}
+        assert outputs == {b.output_file_id for b in listed}
+    events = {e["data"]["request_id"]: e for e in await usage_events(stack.settings, 2)}
+    assert set(events) == {j.id for j in jobs}  # each job billed once, however often it was listed
+    for job in listed:
+        assert_event_for(events[job.id], model="gpt-4o", endpoint="/v1/batches", kind="batch", inputs=job.request_counts.total,
+                         usage={"prompt_tokens": job.usage.input_tokens, "completion_tokens": job.usage.output_tokens,
+                                "cached_tokens": 0, "reasoning_tokens": 0})
+
+
+async def test_a_batch_cancelled_midway_bills_the_lines_it_ran(stack: Stack) -> None:
+    async with stack.async_client() as client, stack.async_client(OTHER_ACCOUNT) as stranger:
+        uploaded = await client.files.create(file=("in.jsonl", batch_file(40), "application/jsonl"), purpose="batch")
+        job = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                          completion_window="24h", extra_headers={"X-Sim-Batch-Line-Delay-Ms": "50"})
+        await eventually(lambda: _completed_at_least(client, job.id, 2))
+        with pytest.raises(openai.NotFoundError):
+            await stranger.batches.cancel(job.id)
+        cancelling = await client.batches.cancel(job.id)
+        assert cancelling.status in ("cancelling", "cancelled")
+
+        async def cancelled():
+            current = await client.batches.retrieve(job.id)
+            return current if current.status == "cancelled" else None
+
+        done = await eventually(cancelled)
+        ran = done.request_counts.completed
+        assert 2 <= ran < 40
+        output = await client.files.content(done.output_file_id)
+        assert len(output.content.splitlines()) == ran
+        await client.batches.cancel(job.id)  # again: still one event
+    [event] = await usage_events(stack.settings, 1, settle=1.0)
+    assert_event_for(event, model="gpt-4o", endpoint="/v1/batches", kind="batch", status="cancelled", inputs=40,
+                     usage={"prompt_tokens": done.usage.input_tokens, "completion_tokens": done.usage.output_tokens,
+                            "cached_tokens": 0, "reasoning_tokens": 0})
+    assert event["data"]["request_id"] == job.id and event["data"]["prompt_tokens"] > 0
+    record = (await sim_usage(stack.upstream_url))[job.id]
+    assert (record["status"], record["prompt_tokens"], record["completion_tokens"]) == (
+        "cancelled", event["data"]["prompt_tokens"], event["data"]["completion_tokens"])
+
+
+async def test_a_batch_cancelled_before_it_ran_is_still_one_cancelled_event(stack: Stack) -> None:
+    async with stack.async_client() as client:
+        uploaded = await client.files.create(file=("in.jsonl", batch_file(3), "application/jsonl"), purpose="batch")
+        job = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                          completion_window="24h", extra_headers={"X-Sim-Batch-Delay-Ms": "10000"})
+        await client.batches.cancel(job.id)
+    [event] = await usage_events(stack.settings, 1, settle=1.0)  # billed by the poller
+    assert_event_for(event, model="gpt-4o", endpoint="/v1/batches", kind="batch", status="cancelled", inputs=3,
+                     usage={"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "reasoning_tokens": 0})
+
+
+async def _completed_at_least(client: openai.AsyncOpenAI, batch_id: str, lines: int) -> bool:
+    return (await client.batches.retrieve(batch_id)).request_counts.completed >= lines
+
+
 # Operations
 
 
@@ -482,10 +588,13 @@ async def test_health_readiness_and_metrics(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.gateway_url) as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         ready = (await client.get("/readyz")).json()
-        metrics = (await client.get("/metrics")).text
         unknown = await client.get("/v1/nothing")
+        await client.post("/v1/batches/batch_x/cancel")  # no key
+        metrics = (await client.get("/metrics")).text
     assert ready["metering"] == "ok" and ready["spool"] == "ok"
     assert 'tollhouse_gateway_requests_total{endpoint="/v1/chat/completions",model="gpt-4o",status="200"}' in metrics
+    assert 'tollhouse_gateway_requests_total{endpoint="/v1/batches/{id}/cancel",model="",status="401"}' in metrics
+    assert 'tollhouse_gateway_requests_total{endpoint="other",model="",status="404"}' in metrics
     assert 'tollhouse_gateway_spool_events{gateway_id="gw-test"}' in metrics
     assert "tollhouse_gateway_upstream_seconds_bucket" in metrics
     assert_error(unknown, 404, 5, "not_found")

@@ -15,6 +15,7 @@ import httpx
 import openai
 
 from services.gateway.app import spool_path
+from services.gateway.spool import FileRecord, Spool
 from services.local_services import LocalBroker, free_port
 from tests.integration.test_gateway import MESSAGES, PAYG, batch_file, seed_reference_data
 from tests.support import seed
@@ -213,3 +214,23 @@ async def test_the_gateway_command_serves_then_stops_on_sigterm_with_its_events_
         events = await usage_events(settings, 2, settle=0.5)
     assert sorted(e["data"]["request_id"] for e in events) == sorted(served)
     assert {e["source"] for e in events} == {"gateway/gw-cli"}
+
+
+async def test_a_spool_file_from_before_file_deletion_opens_with_its_file_records(tmp_path) -> None:
+    path = tmp_path / "gateway-spool-old.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("CREATE TABLE files (file_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, key_id TEXT NOT NULL,"
+                     " purpose TEXT NOT NULL, model TEXT, lines INTEGER NOT NULL DEFAULT 0, prompt_estimate INTEGER"
+                     " NOT NULL DEFAULT 0, reserve_estimate INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL)")
+        conn.execute("INSERT INTO files VALUES ('file-a', 'acc_dev', 'key_payg', 'batch', 'gpt-4o', 2, 20, 50, 1.0)")
+        conn.execute("INSERT INTO files VALUES ('file-b', 'acc_dev', 'key_payg', 'batch', 'gpt-4o', 1, 10, 25, 2.0)")
+    spool = await Spool(path, max_events=10, max_bytes=10**6).open()
+    try:
+        assert (await spool.file("file-a")).model == "gpt-4o"
+        await spool.forget_file("file-a")
+        assert await spool.file("file-a") is None
+        await spool.record_file(FileRecord("file-a", "acc_dev", "key_payg", "batch", None, 0, 0, 0))  # not revived
+        listed = await spool.account_files("acc_dev", after=None, limit=10, newest_first=True)
+        assert [f.file_id for f in listed] == ["file-b"]
+    finally:
+        await spool.close()

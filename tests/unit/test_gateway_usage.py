@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from services.gateway.batches import parse_multipart
+from services.gateway.batches import estimated_prompt_done, parse_multipart
 from services.gateway.sse import SSEParser
 from services.gateway.usage import (
     CHAT,
@@ -166,3 +166,12 @@ def test_multipart_form_parts() -> None:
     assert parts["purpose"].content == b"batch"
     assert parts["file"].filename == "in.jsonl"
     assert parts["file"].content == b"line1\r\nline2"
+
+
+def test_a_batch_without_usage_is_billed_the_estimate_of_the_lines_it_ran() -> None:
+    counts = {"total": 40, "completed": 10, "failed": 0}
+    assert estimated_prompt_done(4_000, "ok", counts) == 4_000
+    assert estimated_prompt_done(4_000, "cancelled", counts) == 1_000
+    assert estimated_prompt_done(4_000, "cancelled", {"total": 40, "completed": 0}) == 0
+    assert estimated_prompt_done(4_000, "cancelled", {}) == 4_000  # says nothing: the whole estimate
+    assert estimated_prompt_done(4_000, "error", counts) == 0
