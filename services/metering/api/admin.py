@@ -33,6 +33,7 @@ from services.metering.api.schemas import (
     check_model_name,
     parse_rfc3339,
 )
+from services.metering.api.stores import app_now
 from services.metering.domain.pricing import PriceRow
 from services.metering.store.admin import (
     AccountRecord,
@@ -64,10 +65,6 @@ def admin_store(request: Request) -> AdminStore:
 
 
 Store = Annotated[AdminStore, Depends(admin_store)]
-
-
-def _now(request: Request) -> datetime:
-    return admin_store(request).now()
 
 
 # Responses
@@ -152,13 +149,13 @@ def price_out(price: PriceRow) -> PriceOut:
 @router.post("/v1/accounts", status_code=status.HTTP_201_CREATED, response_model=AccountOut)
 async def create_account(body: AccountCreate, request: Request, store: Store) -> AccountOut:
     account = await store.create_account(name=body.name, tier=body.tier, timezone=body.timezone)
-    return account_out(account, _now(request))
+    return account_out(account, app_now(request))
 
 
 @router.get("/v1/accounts/{account_id}", response_model=AccountOut)
 async def get_account(account_id: str, request: Request, store: Store) -> AccountOut:
     account = await store.get_account(path_id(account_id, "account"))
-    return account_out(account, _now(request))
+    return account_out(account, app_now(request))
 
 
 @router.post(
@@ -180,7 +177,7 @@ async def top_up(account_id: str, body: TopupCreate, response: Response, store: 
 @router.post("/v1/accounts/{account_id}/packages", status_code=status.HTTP_201_CREATED, response_model=PackageOut)
 async def create_package(account_id: str, body: PackageCreate, request: Request, store: Store) -> PackageOut:
     """Sell a token package; 409 while another package of the account is active."""
-    now = _now(request)
+    now = app_now(request)
     valid_from = body.valid_from or now
     if body.valid_until <= valid_from:
         raise TollhouseError(
@@ -264,7 +261,7 @@ async def put_price(
     model = model_name(model, "path.model")
     price = await store.add_price(
         model,
-        effective_from=body.effective_from or _now(request),
+        effective_from=body.effective_from or app_now(request),
         input_price=body.input_price,
         output_price=body.output_price,
         cached_input_price=body.input_price if body.cached_input_price is None else body.cached_input_price,

@@ -33,6 +33,7 @@ from services.metering.api.query import (
     query_model,
 )
 from services.metering.api.schemas import OBJECT_ID, ErrorBody, check_model_name, parse_rfc3339
+from services.metering.api.stores import app_store
 from services.metering.domain.periods import local_midnight, next_month
 from services.metering.ledger_export import format_instant
 from services.metering.store.billing import (
@@ -57,7 +58,7 @@ router = APIRouter(
 
 
 def billing_store(request: Request) -> BillingStore:
-    return BillingStore(request.app.state.engine)
+    return app_store(request, BillingStore)
 
 
 Store = Annotated[BillingStore, Depends(billing_store)]

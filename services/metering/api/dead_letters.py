@@ -33,6 +33,7 @@ from services.metering.api.auth import (
 from services.metering.api.cursors import decode_cursor, encode_cursor, strict_int
 from services.metering.api.query import Cursor, Limit, check_window, only_params, page_limit, path_id, query_instant
 from services.metering.api.schemas import ErrorBody, parse_rfc3339
+from services.metering.api.stores import app_now, app_store
 from services.metering.store.dead_letters import DeadLetterKey, DeadLetterRecord, DeadLetterStore, ReplayRecord
 
 REASONS = frozenset(value for name, value in vars(Reason).items() if name.isupper() and isinstance(value, str))
@@ -54,12 +55,7 @@ _admin = APIRouter(
 
 
 def dead_letter_store(request: Request) -> DeadLetterStore:
-    """Built once per app on first use, over the engine ``create_app`` was given."""
-    state = request.app.state
-    store = getattr(state, "dead_letter_store", None)
-    if store is None:
-        store = state.dead_letter_store = DeadLetterStore(state.engine)
-    return store
+    return app_store(request, DeadLetterStore)
 
 
 # Responses
@@ -212,7 +208,7 @@ def _replayable(record: DeadLetterRecord, request: Request) -> tuple[str | None,
             "reversing entry instead",
         )
     settings = settings_of(request)
-    now = request.app.state.admin_store.now()
+    now = app_now(request)
     try:
         accepted = decode_usage_event(
             record.payload,

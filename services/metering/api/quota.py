@@ -19,6 +19,7 @@ from services.contracts.money import format_cny
 from services.metering.api.auth import ADMIN, BILLING, require_billing_read, role_checked_route
 from services.metering.api.query import only_params, path_id
 from services.metering.api.schemas import ErrorBody
+from services.metering.api.stores import app_now, app_store
 from services.metering.domain.periods import day_resets_at, month_resets_at, zone
 from services.metering.store.quota_view import KeyQuotaRecord, QuotaViewStore
 
@@ -98,20 +99,11 @@ def quota_out(quota: KeyQuotaRecord, now: datetime) -> QuotaOut:
     )
 
 
-def quota_view_store(request: Request) -> QuotaViewStore:
-    """Built once per app on first use, over the engine ``create_app`` was given."""
-    state = request.app.state
-    store = getattr(state, "quota_view_store", None)
-    if store is None:
-        store = state.quota_view_store = QuotaViewStore(state.engine)
-    return store
-
-
 @router.get("/v1/keys/{key_id}/quota", response_model=QuotaOut, dependencies=[Depends(only_params())])
 async def key_quota(key_id: str, request: Request) -> QuotaOut:
     """The key's package tokens, daily and monthly spend against its caps, and the account balance."""
-    now = request.app.state.admin_store.now()
-    quota = await quota_view_store(request).key_quota(path_id(key_id, "key"), now)
+    now = app_now(request)
+    quota = await app_store(request, QuotaViewStore).key_quota(path_id(key_id, "key"), now)
     if quota is None:
         raise TollhouseError(NOT_FOUND, f"key {key_id} not found")
     return quota_out(quota, now)

@@ -31,6 +31,7 @@ from services.contracts.money import format_cny
 from services.metering.api.auth import ADMIN, BILLING, require_billing_read, role_checked_route, settings_of
 from services.metering.api.query import only_params, page_limit, required_window
 from services.metering.api.schemas import ErrorBody
+from services.metering.api.stores import app_store
 from services.metering.store.reconciliation import (
     DiffResult,
     ReconciliationStore,
@@ -64,12 +65,7 @@ router = APIRouter(
 
 
 def reconciliation_store(request: Request) -> ReconciliationStore:
-    """Built once per app on first use, over the engine ``create_app`` was given."""
-    state = request.app.state
-    store = getattr(state, "reconciliation_store", None)
-    if store is None:
-        store = state.reconciliation_store = ReconciliationStore(state.engine)
-    return store
+    return app_store(request, ReconciliationStore)
 
 
 # GET /v1/reconciliation
