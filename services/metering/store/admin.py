@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import exists, insert, literal, select, text, tuple_, update
+from sqlalchemy import Select, exists, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -25,6 +25,7 @@ from services.contracts.money import format_cny
 from services.metering.domain.periods import local_day
 from services.metering.domain.pricing import PriceRow
 from services.metering.domain.rating import PACKAGE, PAYG, AccountState, apply_topup
+from services.metering.store.paging import keyset_page, page_of
 from services.metering.store.quota import QUOTA_CHANNEL, quota_notices
 from services.metering.store.tables import (
     Account,
@@ -180,7 +181,9 @@ _PACKAGE_COLUMNS = (
     packages.c.valid_until,
     packages.c.created_at,
 )
-_PACKAGES_JOINED = packages.join(package_balances, package_balances.c.package_id == packages.c.package_id)
+_SELECT_PACKAGES = select(*_PACKAGE_COLUMNS).select_from(
+    packages.join(package_balances, package_balances.c.package_id == packages.c.package_id)
+)
 
 _KEY_COLUMNS = (
     api_keys.c.key_id,
@@ -208,6 +211,10 @@ _PRICE_COLUMNS = (
     prices.c.package_weight_ppm,
     prices.c.min_tier,
 )
+
+
+def _select_key(key_id: str) -> Select:
+    return select(*_KEY_COLUMNS).where(api_keys.c.key_id == key_id)
 
 
 def _package(row: Any) -> PackageRecord:
@@ -262,7 +269,7 @@ class AdminStore:
                 )
             ).first()
             if row is None:
-                raise _account_not_found(account_id)
+                raise account_not_found(account_id)
             package = await self._active_package(conn, account_id, self._clock())
         return AccountRecord(
             row.account_id, row.name, row.tier, row.timezone, row.created_at, row.balance,
@@ -284,7 +291,7 @@ class AdminStore:
             )
         ).first()
         if row is None:
-            raise _account_not_found(account_id)
+            raise account_not_found(account_id)
         return AccountState(account_id, row.timezone, row.balance, row.balance_depleted)
 
     # Top-ups
@@ -421,9 +428,7 @@ class AdminStore:
     async def _active_package(self, conn: AsyncConnection, account_id: str, now: datetime) -> PackageRecord | None:
         row = (
             await conn.execute(
-                select(*_PACKAGE_COLUMNS)
-                .select_from(_PACKAGES_JOINED)
-                .where(
+                _SELECT_PACKAGES.where(
                     packages.c.account_id == account_id,
                     packages.c.valid_until > now,
                     packages.c.tokens_total - package_balances.c.tokens_used - package_balances.c.tokens_expired > 0,
@@ -437,7 +442,7 @@ class AdminStore:
     async def _package_of(self, conn: AsyncConnection, package_id: str) -> PackageRecord | None:
         row = (
             await conn.execute(
-                select(*_PACKAGE_COLUMNS).select_from(_PACKAGES_JOINED).where(packages.c.package_id == package_id)
+                _SELECT_PACKAGES.where(packages.c.package_id == package_id)
             )
         ).first()
         return None if row is None else _package(row)
@@ -486,7 +491,7 @@ class AdminStore:
         hint = secret[:API_KEY_HINT_CHARS]
         async with self._engine.begin() as conn:
             if await conn.scalar(select(exists().where(accounts.c.account_id == account_id))) is not True:
-                raise _account_not_found(account_id)
+                raise account_not_found(account_id)
             if billing_mode == PACKAGE:
                 package_id = await self._bindable_package(conn, account_id, package_id)
             row = (
@@ -512,19 +517,19 @@ class AdminStore:
 
     async def get_key(self, key_id: str) -> KeyRecord:
         async with self._engine.begin() as conn:
-            row = (await conn.execute(select(*_KEY_COLUMNS).where(api_keys.c.key_id == key_id))).first()
+            row = (await conn.execute(_select_key(key_id))).first()
         if row is None:
-            raise _key_not_found(key_id)
+            raise key_not_found(key_id)
         return _key(row)
 
     async def update_key(self, key_id: str, changes: KeyChanges) -> KeyRecord:
         """Change name, caps or package binding, checked against the key's billing mode."""
         async with self._engine.begin() as conn:
             row = (
-                await conn.execute(select(*_KEY_COLUMNS).where(api_keys.c.key_id == key_id).with_for_update())
+                await conn.execute(_select_key(key_id).with_for_update())
             ).first()
             if row is None:
-                raise _key_not_found(key_id)
+                raise key_not_found(key_id)
             key = _key(row)
             if key.status == KEY_REVOKED:
                 raise TollhouseError(CONFLICT, f"key {key_id} is revoked and cannot be changed; create a new key")
@@ -568,11 +573,11 @@ class AdminStore:
                 )
             ).first()
             if row is None:
-                row = (await conn.execute(select(*_KEY_COLUMNS).where(api_keys.c.key_id == key_id))).first()
+                row = (await conn.execute(_select_key(key_id))).first()
             else:
                 await _notify_quota(conn, accounts=[row.account_id])
         if row is None:
-            raise _key_not_found(key_id)
+            raise key_not_found(key_id)
         return _key(row)
 
     # Prices
@@ -626,18 +631,10 @@ class AdminStore:
         query = select(*_PRICE_COLUMNS)
         if model is not None:
             query = query.where(prices.c.model == model)
-        if after is not None:
-            query = query.where(
-                tuple_(prices.c.model, prices.c.effective_from, prices.c.price_id)
-                > tuple_(literal(after[0]), literal(after[1]), literal(after[2]))
-            )
-        query = query.order_by(prices.c.model, prices.c.effective_from, prices.c.price_id).limit(limit + 1)
+        query = keyset_page(query, (prices.c.model, prices.c.effective_from, prices.c.price_id), after, limit)
         async with self._engine.begin() as conn:
             rows = [_price(r) for r in (await conn.execute(query)).all()]
-        more = len(rows) > limit
-        rows = rows[:limit]
-        last = rows[-1] if more else None
-        return PricePage(rows, (last.model, last.effective_from, last.price_id) if last else None)
+        return PricePage(*page_of(rows, limit, lambda p: (p.model, p.effective_from, p.price_id)))
 
 
 def _check_key_rules(
@@ -672,11 +669,11 @@ def _same_topup(existing: TopupRecord, amount: int) -> TopupRecord:
     return existing
 
 
-def _account_not_found(account_id: str) -> TollhouseError:
+def account_not_found(account_id: str) -> TollhouseError:
     return TollhouseError(NOT_FOUND, f"account {account_id} not found")
 
 
-def _key_not_found(key_id: str) -> TollhouseError:
+def key_not_found(key_id: str) -> TollhouseError:
     return TollhouseError(NOT_FOUND, f"key {key_id} not found")
 
 

@@ -15,21 +15,13 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import (
-    ColumnElement,
-    Date,
-    Select,
-    cast,
-    exists,
-    func,
-    literal,
-    select,
-    tuple_,
-)
+from sqlalchemy import ColumnElement, Date, Select, cast, exists, func, select
 from sqlalchemy.dialects.postgresql import TIMESTAMP
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.contracts.errors import NOT_FOUND, TollhouseError
+from services.metering.store.admin import account_not_found, key_not_found
+from services.metering.store.paging import keyset_page, page_of
 from services.metering.store.tables import Account, ApiKey, Breach, LedgerEntry, UsageDaily
 
 accounts = Account.__table__
@@ -289,7 +281,7 @@ class BillingStore:
             if key_id is not None:
                 owner = await conn.scalar(select(api_keys.c.account_id).where(api_keys.c.key_id == key_id))
                 if owner is None:
-                    raise TollhouseError(NOT_FOUND, f"key {key_id} not found")
+                    raise key_not_found(key_id)
                 if account_id is not None and owner != account_id:
                     raise TollhouseError(NOT_FOUND, f"key {key_id} not found in account {account_id}")
 
@@ -303,22 +295,17 @@ class BillingStore:
         exprs = [USAGE_GROUPS[g][1] for g in group_by]
         conditions = _usage_conditions(where)
         sums = [_sum(usage_daily.c[name]).label(name) for name in USAGE_SUMS]
-        page = select(*(e.label(f) for e, f in zip(exprs, fields)), *sums).where(*conditions)
-        if after is not None:
-            page = page.where(tuple_(*exprs) > tuple_(*(literal(v) for v in after)))
-        page = page.group_by(*exprs).order_by(*exprs).limit(limit + 1)
+        groups = select(*(e.label(f) for e, f in zip(exprs, fields)), *sums).where(*conditions).group_by(*exprs)
         totals_query = select(*sums).where(*conditions)
         async with read_snapshot(self._engine) as conn:
-            rows = (await conn.execute(page)).all()
+            rows = (await conn.execute(keyset_page(groups, exprs, after, limit))).all()
             totals_row = (await conn.execute(totals_query)).one()
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, next_after = page_of(rows, limit, lambda row: tuple(row._mapping[f] for f in fields))
         out = []
         for row in rows:
             values = row._mapping
             out.append({**{f: values[f] for f in fields}, **{s: int(values[s]) for s in USAGE_SUMS}})
         totals = {s: int(totals_row._mapping[s]) for s in USAGE_SUMS}
-        next_after = tuple(rows[-1]._mapping[f] for f in fields) if more else None
         return UsagePage(tuple(group_by), out, totals, next_after)
 
     # Breaches
@@ -336,16 +323,10 @@ class BillingStore:
             query = query.where(breaches.c.occurred_at >= where.occurred_from)
         if where.occurred_to is not None:
             query = query.where(breaches.c.occurred_at < where.occurred_to)
-        if after is not None:
-            query = query.where(
-                tuple_(breaches.c.occurred_at, breaches.c.breach_id) > tuple_(literal(after[0]), literal(after[1]))
-            )
-        query = query.order_by(breaches.c.occurred_at, breaches.c.breach_id).limit(limit + 1)
+        query = keyset_page(query, (breaches.c.occurred_at, breaches.c.breach_id), after, limit)
         async with self._engine.connect() as conn:
             rows = [BreachRecord(**r._mapping) for r in (await conn.execute(query)).all()]
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return BreachPage(rows, (rows[-1].occurred_at, rows[-1].breach_id) if more else None)
+        return BreachPage(*page_of(rows, limit, lambda b: (b.occurred_at, b.breach_id)))
 
     # Ledger entries
 
@@ -361,9 +342,7 @@ class BillingStore:
             stmt = stmt.where(ledger_entries.c.entry_id > after)
         async with self._engine.connect() as conn:
             rows = [ledger_record(r) for r in (await conn.execute(stmt.limit(limit + 1))).all()]
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return LedgerPage(rows, rows[-1].entry_id if more else None)
+        return LedgerPage(*page_of(rows, limit, lambda r: r.entry_id))
 
     # Statements
 
@@ -449,8 +428,4 @@ def _usage_conditions(where: UsageFilter) -> list[ColumnElement[bool]]:
     if where.to_day is not None:
         conditions.append(usage_daily.c.day < where.to_day)
     return conditions
-
-
-def account_not_found(account_id: str) -> TollhouseError:
-    return TollhouseError(NOT_FOUND, f"account {account_id} not found")
 

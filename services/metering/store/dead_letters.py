@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, insert, literal, select, tuple_
+from sqlalchemy import func, insert, literal, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.metering.store.paging import keyset_page, page_of
 from services.metering.store.tables import DeadLetter, DeadLetterReplay, Outbox
 
 dead_letters = DeadLetter.__table__
@@ -143,15 +144,10 @@ class DeadLetterStore:
             query = query.where(dead_letters.c.received_at >= received_from)
         if received_to is not None:
             query = query.where(dead_letters.c.received_at < received_to)
-        if after is not None:
-            query = query.where(tuple_(*_ORDER) < tuple_(*(literal(v, c.type) for v, c in zip(after, _ORDER))))
-        query = query.order_by(*(c.desc() for c in _ORDER)).limit(limit + 1)
+        query = keyset_page(query, _ORDER, after, limit, descending=True)
         async with self._engine.begin() as conn:
             rows = [_record(r) for r in (await conn.execute(query)).all()]
-        more = len(rows) > limit
-        rows = rows[:limit]
-        last = rows[-1] if more else None
-        return DeadLetterPage(rows, (last.received_at, last.topic, last.partition, last.offset) if last else None)
+        return DeadLetterPage(*page_of(rows, limit, lambda d: (d.received_at, d.topic, d.partition, d.offset)))
 
     async def get(self, dead_letter_id: str) -> DeadLetterRecord | None:
         """One dead letter with its whole payload."""

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.metering.domain.periods import local_day, month_of
 from services.metering.store.admin import PackageRecord
+from services.metering.store.billing import read_snapshot
 from services.metering.store.tables import Account, AccountBalance, ApiKey, KeySpend, Package, PackageBalance
 
 accounts = Account.__table__
@@ -45,11 +46,11 @@ class KeyQuotaRecord:
 
 class QuotaViewStore:
     def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine.execution_options(isolation_level="REPEATABLE READ")
+        self._engine = engine
 
     async def key_quota(self, key_id: str, now: datetime) -> KeyQuotaRecord | None:
         """The key's quota as of ``now`` (periods in the account's zone); None for an unknown key."""
-        async with self._engine.begin() as conn:
+        async with read_snapshot(self._engine) as conn:
             row = (
                 await conn.execute(
                     select(
