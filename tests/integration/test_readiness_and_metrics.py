@@ -98,7 +98,12 @@ async def test_metrics_cover_ingest_authorize_and_breaches(database_url, broker,
     seed.topup(database_url, account, 10 * 10**9, "t-1")
     seed.create_key(database_url, payg, account, "payg", daily_cap=1_000)  # 0.000001 CNY: the first call reaches it
     seed.add_price(database_url, model, input_price=2_000, output_price=8_000)
-    settings = process_settings(database_url, broker.bootstrap_servers, topic_names, log_level="debug")
+    day = timedelta(days=1)
+    seed.create_account(database_url, "acc_expired")  # its package's expiry is booked by the sweeper
+    seed.create_package(database_url, "acc_expired", "pkg_expired", 100, datetime.now(timezone.utc) - 2 * day,
+                        datetime.now(timezone.utc) - day)
+    settings = process_settings(database_url, broker.bootstrap_servers, topic_names, log_level="debug",
+                                package_expiry_grace_seconds=0)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tollhouse_process(["metering", "--port", str(port)], settings, tmp_path, "metering") as proc:
@@ -136,6 +141,7 @@ async def test_metrics_cover_ingest_authorize_and_breaches(database_url, broker,
     assert sample(text, "tollhouse_events_duplicate_total") == 1
     assert sample(text, 'tollhouse_events_dead_lettered_total{reason="invalid_json"}') == 1
     assert sample(text, 'tollhouse_breaches_total{type="daily_cap"}') == 1
+    assert sample(text, 'tollhouse_breaches_total{type="package_expired"}') == 1
     assert sample(text, "tollhouse_consumer_partitions") == 2
     lags = {p: sample(text, f'tollhouse_consumer_lag{{partition="{p}"}}') for p in ("0", "1")}
     assert set(lags.values()) == {0}, lags

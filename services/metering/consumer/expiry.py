@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import structlog
 
+from services.metering import metrics
 from services.metering.consumer.batch import book_breaches
 from services.metering.domain.periods import local_day
 from services.metering.domain.rating import book_package_expiry
@@ -42,7 +43,9 @@ async def sweep_package_expiries(
                 await uow.insert_breaches(rows)
                 await uow.insert_outbox(outbox)
             booked += 1
-            log.info("package_expiry_booked", package_id=package_id, account_id=account_id, tokens=expired)
+        if breach is not None:  # counted once committed, like the consumer's breaches
+            metrics.BREACHES.labels(breach.type).inc()
+        log.info("package_expiry_booked", package_id=package_id, account_id=account_id, tokens=expired)
     return booked
 
 
