@@ -26,3 +26,23 @@ def test_breaches_refuse_delete(database_url: str) -> None:
         )
         with pytest.raises(psycopg.errors.RestrictViolation):
             conn.execute("DELETE FROM breaches")
+
+
+def test_migrations_build_the_schema_the_models_describe(database_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from services.metering.store.db import driver_url
+    from services.metering.store.tables import Base
+
+    engine = create_engine(driver_url(database_url, "psycopg"))
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            # autogenerate does not compare INCLUDE columns: check the ledger's covering index.
+            definition = conn.exec_driver_sql(
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_ledger_entries_account_event_time'").scalar()
+    finally:
+        engine.dispose()
+    assert definition is not None and definition.endswith("(account_id, event_time) INCLUDE (entry_id)")

@@ -195,6 +195,23 @@ def ledger_where(stmt: Select, query: LedgerQuery) -> Select:
     return stmt
 
 
+class LedgerBounds(NamedTuple):
+    rows: int
+    first: int | None  # the lowest and highest matching entry_id (None when nothing matches)
+    last: int | None
+
+
+async def ledger_bounds(conn: AsyncConnection, query: LedgerQuery) -> LedgerBounds:
+    """How many entries match, and their entry_id range, in one pass.
+
+    For one account's time window this is an index-only scan of (account_id, event_time)
+    INCLUDE (entry_id). A lone min(entry_id) would not do: the planner turns it into a walk
+    of the primary key in entry_id order, which reads the ledger's history up to the window.
+    """
+    bounds = select(func.count(), func.min(ledger_entries.c.entry_id), func.max(ledger_entries.c.entry_id))
+    return LedgerBounds(*(await conn.execute(ledger_where(bounds, query))).one())
+
+
 def ledger_record(row: Any) -> LedgerRecord:
     """A row of ``ledger_select`` (its columns are LedgerRecord's fields, in order)."""
     return LedgerRecord._make(row)
@@ -338,9 +355,16 @@ class BillingStore:
         entry_id across requests never skips an entry that commits later.
         """
         stmt = ledger_select(query)
-        if after is not None:
-            stmt = stmt.where(ledger_entries.c.entry_id > after)
         async with self._engine.connect() as conn:
+            if after is None and (query.time_from is not None or query.time_to is not None):
+                # Start at the window's first entry: left to itself, the planner reads the
+                # account's entries from its very first one until it reaches the window.
+                first = (await ledger_bounds(conn, query)).first
+                if first is None:
+                    return LedgerPage([], None)
+                after = first - 1
+            if after is not None:
+                stmt = stmt.where(ledger_entries.c.entry_id > after)
             rows = [ledger_record(r) for r in (await conn.execute(stmt.limit(limit + 1))).all()]
         return LedgerPage(*page_of(rows, limit, lambda r: r.entry_id))
 

@@ -144,6 +144,8 @@ class LedgerEntry(Base):
     __tablename__ = "ledger_entries"
     __table_args__ = (
         Index("ix_ledger_entries_account_entry", "account_id", "entry_id"),
+        # An account's time window: its count and entry_id bounds from the index alone (0003).
+        Index("ix_ledger_entries_account_event_time", "account_id", "event_time", postgresql_include=["entry_id"]),
         Index("ix_ledger_entries_event_time_brin", "event_time", postgresql_using="brin"),
         Index(
             "uq_ledger_entries_topup_reference",
