@@ -1,27 +1,28 @@
 """The ledger export: its columns, in a stable order, and the CSV, JSONL and Parquet encoders.
 
 One implementation for ``GET /v1/exports/ledger`` and ``tollhouse export``: both iterate
-``export_ledger``, which reads keyset pages of one database snapshot and turns each page
-into bytes, so memory stays constant however many rows there are. The columns are
-documented in docs/exports.md; new columns are only ever added at the end.
+``export_ledger``. PostgreSQL formats every value and streams the rows with COPY
+(``services.metering.store.exports``); this module only adapts those bytes to the
+documented formats (CRLF line ends for CSV, COPY's backslash escaping undone for JSONL,
+Parquet row groups parsed from the CSV by pyarrow), chunk by chunk, so memory stays
+constant however many rows there are and no Python object is built per row. The columns
+are documented in docs/exports.md; new columns are only ever added at the end.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import asyncio
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from typing import Any
 
-import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.contracts.money import format_cny, format_fen
 from services.metering.domain.periods import zone
-from services.metering.store.billing import LedgerQuery, LedgerRecord
-from services.metering.store.exports import EXPORT_PAGE_ROWS, ledger_export_snapshot
+from services.metering.store.billing import LedgerQuery
+from services.metering.store.exports import EXPORT_SQL, ledger_export_snapshot
 
 EXPORT_FORMATS = ("csv", "jsonl", "parquet")
 MEDIA_TYPES = {
@@ -85,84 +86,70 @@ EXPORT_COLUMNS: tuple[Column, ...] = tuple(
 EXPORT_COLUMN_NAMES = tuple(c.name for c in EXPORT_COLUMNS)
 
 
-def export_values(r: LedgerRecord) -> tuple[Any, ...]:
-    """One row's typed values (int, str, datetime, date, bool or None), in EXPORT_COLUMNS order.
+if tuple(EXPORT_SQL) != EXPORT_COLUMN_NAMES:  # the store's SQL and the documented columns must agree
+    raise RuntimeError("services.metering.store.exports.EXPORT_SQL does not list the export's columns in order")
 
-    Written out rather than generated from the column list: it runs once per exported row.
+# Parquet: rows per row group (and per progress step), and how much CSV is parsed at once.
+# Together they bound an export's memory: one block of CSV being parsed, one being read,
+# and at most one row group of Arrow data waiting to be written.
+PARQUET_ROW_GROUP_ROWS = 65_536
+PARQUET_BLOCK_BYTES = 8 << 20
+
+
+class CsvRecords:
+    """PostgreSQL's CSV → the export's: LF record ends become CRLF, and records are counted.
+
+    A line feed ends a record only outside quotes (a quoted field keeps its own line breaks
+    as they are), so the quote state is carried from chunk to chunk. Quotes are rare in the
+    ledger (a field is quoted only for a comma, quote or line break), so most chunks take
+    the fast path.
     """
-    return (
-        r.entry_id, r.entry_type, r.account_id, r.key_id, r.model,
-        r.event_time, format_instant(r.event_time, r.timezone), r.local_day,
-        r.request_id, r.event_id, r.kind, r.status,
-        r.inputs, r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.reasoning_tokens, r.total_tokens,
-        r.package_tokens, r.overage_tokens,
-        r.charge, format_cny(r.charge), r.price_id, r.source,
-        format_fen(r.charge), r.overage_charge, r.balance_delta, format_cny(r.balance_delta),
-        r.package_id, r.reference, r.usage_estimated, r.reverses_entry_id,
-    )  # fmt: skip
-
-
-_BOOL_TEXT = {True: "true", False: "false"}
-# The columns CSV and JSON cannot carry as they are; everything else is written unchanged.
-_TEXT_CONVERSIONS = {"timestamp": format_instant, "date": date.isoformat}
-
-
-def _conversions(kinds: dict[str, Callable[[Any], Any]]) -> tuple[tuple[int, Callable[[Any], Any]], ...]:
-    return tuple((i, kinds[c.kind]) for i, c in enumerate(EXPORT_COLUMNS) if c.kind in kinds)
-
-
-_CSV_CONVERSIONS = _conversions({**_TEXT_CONVERSIONS, "bool": _BOOL_TEXT.__getitem__})
-_JSON_CONVERSIONS = _conversions(_TEXT_CONVERSIONS)
-
-
-def _converted(records: list[LedgerRecord], conversions: tuple[tuple[int, Callable[[Any], Any]], ...]) -> list:
-    rows = []
-    for record in records:
-        row = list(export_values(record))
-        for i, convert in conversions:
-            if row[i] is not None:
-                row[i] = convert(row[i])
-        rows.append(row)
-    return rows
-
-
-class _Encoder:
-    def start(self) -> bytes:
-        return b""
-
-    def page(self, records: list[LedgerRecord]) -> bytes:
-        raise NotImplementedError
-
-    def finish(self) -> bytes:
-        return b""
-
-
-class CsvEncoder(_Encoder):
-    """RFC 4180: UTF-8, CRLF, a header row; NULL is an empty field, booleans true/false."""
-
-    def _lines(self, rows: list) -> bytes:
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\r\n").writerows(rows)  # None is written as an empty field
-        return buffer.getvalue().encode("utf-8")
-
-    def start(self) -> bytes:
-        return self._lines([EXPORT_COLUMN_NAMES])
-
-    def page(self, records: list[LedgerRecord]) -> bytes:
-        return self._lines(_converted(records, _CSV_CONVERSIONS))
-
-
-class JsonlEncoder(_Encoder):
-    """One JSON object per line, keys in column order; NULL is null, integers are numbers."""
 
     def __init__(self) -> None:
-        self._encode = msgspec.json.Encoder().encode
+        self._quoted = False
 
-    def page(self, records: list[LedgerRecord]) -> bytes:
-        names = EXPORT_COLUMN_NAMES
-        return b"".join(
-            self._encode(dict(zip(names, row))) + b"\n" for row in _converted(records, _JSON_CONVERSIONS)
-        )
+    def convert(self, chunk: bytes) -> tuple[bytes, int]:
+        """The chunk with CRLF record ends, and how many records ended in it."""
+        if not self._quoted and b'"' not in chunk:
+            return chunk.replace(b"\n", b"\r\n"), chunk.count(b"\n")
+        parts = chunk.split(b'"')
+        records = 0
+        for i in range(1 if self._quoted else 0, len(parts), 2):  # the parts outside quotes
+            records += parts[i].count(b"\n")
+            parts[i] = parts[i].replace(b"\n", b"\r\n")
+        if len(parts) % 2 == 0:  # an odd number of quotes: the state flips
+            self._quoted = not self._quoted
+        return b'"'.join(parts), records
+
+    def track(self, chunk: bytes) -> None:
+        """Only follow the quote state (what ``convert`` does, without converting)."""
+        if chunk.count(b'"') % 2:
+            self._quoted = not self._quoted
+
+    @property
+    def at_record_end(self) -> bool:
+        """Outside quotes: a line feed here ended a record."""
+        return not self._quoted
+
+
+class TextCopyLines:
+    """COPY's text format → the lines themselves: every backslash was doubled; undo that.
+
+    The lines are JSON, which has no raw tab, CR or LF, so a doubled backslash is the only
+    escape COPY wrote. A chunk that ends inside a pair keeps its last byte for the next.
+    """
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def convert(self, chunk: bytes) -> tuple[bytes, int]:
+        data = self._carry + chunk if self._carry else chunk
+        trailing = len(data) - len(data.rstrip(b"\\"))
+        if trailing % 2:
+            data, self._carry = data[:-1], data[-1:]
+        else:
+            self._carry = b""
+        return data.replace(b"\\\\", b"\\"), data.count(b"\n")
 
 
 class _Drain:
@@ -194,14 +181,21 @@ class _Drain:
         return out
 
 
-class ParquetEncoder(_Encoder):
-    """Apache Parquet (snappy), one row group per page, written as it streams."""
+class ParquetEncoder:
+    """Apache Parquet (snappy) from blocks of the export's CSV, parsed by pyarrow into the
+    documented types; row groups of ``row_group_rows``, written as they fill.
 
-    def __init__(self) -> None:
+    ``encode`` and ``finish`` do the CPU work and release the GIL: call them in a thread.
+    """
+
+    def __init__(self, row_group_rows: int = PARQUET_ROW_GROUP_ROWS) -> None:
         import pyarrow as pa  # imported here: only Parquet exports need it
+        import pyarrow.csv as pa_csv
         import pyarrow.parquet as pq
 
-        self._pa = pa
+        if row_group_rows <= 0:
+            raise ValueError("row_group_rows must be positive")
+        self._pa, self._csv = pa, pa_csv
         types = {
             "int64": pa.int64(),
             "string": pa.string(),
@@ -209,29 +203,55 @@ class ParquetEncoder(_Encoder):
             "date": pa.date32(),
             "bool": pa.bool_(),
         }
-        self._schema = pa.schema([pa.field(c.name, types[c.kind]) for c in EXPORT_COLUMNS])
-        self._sink = _Drain()
-        self._writer = pq.ParquetWriter(pa.PythonFile(self._sink, mode="w"), self._schema, compression="snappy")
-
-    def page(self, records: list[LedgerRecord]) -> bytes:
-        columns = zip(*map(export_values, records))  # rows → columns, in C
-        batch = self._pa.record_batch(
-            [self._pa.array(values, type=field.type) for values, field in zip(columns, self._schema)],
-            schema=self._schema,
+        self.schema = pa.schema([pa.field(c.name, types[c.kind]) for c in EXPORT_COLUMNS])
+        self._read = pa_csv.ReadOptions(column_names=list(EXPORT_COLUMN_NAMES), block_size=PARQUET_BLOCK_BYTES)
+        self._parse = pa_csv.ParseOptions(newlines_in_values=True)
+        # An unquoted empty field is NULL; "" is an empty string (COPY writes them so).
+        self._convert = pa_csv.ConvertOptions(
+            column_types={f.name: f.type for f in self.schema},
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+            true_values=["true"],
+            false_values=["false"],
         )
-        self._writer.write_batch(batch)
-        return self._sink.take()
+        self._rows_per_group = row_group_rows
+        self._pending: list[Any] = []  # tables of fewer than a row group's rows in all
+        self._pending_rows = 0
+        self._sink = _Drain()
+        self._writer = pq.ParquetWriter(pa.PythonFile(self._sink, mode="w"), self.schema, compression="snappy")
 
-    def finish(self) -> bytes:
+    def encode(self, csv_block: bytes) -> tuple[bytes, list[int]]:
+        """Parse whole CSV records; write every full row group. → (bytes, rows per group)."""
+        table = self._csv.read_csv(
+            self._pa.py_buffer(csv_block), read_options=self._read, parse_options=self._parse,
+            convert_options=self._convert,
+        )
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        groups = []
+        if self._pending_rows >= self._rows_per_group:
+            rows = self._pa.concat_tables(self._pending)
+            start = 0
+            while rows.num_rows - start >= self._rows_per_group:
+                self._writer.write_table(rows.slice(start, self._rows_per_group), row_group_size=self._rows_per_group)
+                groups.append(self._rows_per_group)
+                start += self._rows_per_group
+            rest = rows.slice(start)
+            self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        return self._sink.take(), groups
+
+    def finish(self) -> tuple[bytes, list[int]]:
+        groups = []
+        if self._pending_rows:
+            self._writer.write_table(self._pa.concat_tables(self._pending), row_group_size=self._rows_per_group)
+            groups.append(self._pending_rows)
+            self._pending, self._pending_rows = [], 0
         self._writer.close()
-        return self._sink.take()
+        return self._sink.take(), groups
 
 
-ENCODERS: dict[str, Callable[[], _Encoder]] = {
-    "csv": CsvEncoder,
-    "jsonl": JsonlEncoder,
-    "parquet": ParquetEncoder,
-}
+CSV_HEADER = (",".join(EXPORT_COLUMN_NAMES) + "\r\n").encode()
 
 
 async def export_ledger(
@@ -239,23 +259,69 @@ async def export_ledger(
     query: LedgerQuery,
     fmt: str,
     *,
-    page_rows: int = EXPORT_PAGE_ROWS,
+    row_group_rows: int = PARQUET_ROW_GROUP_ROWS,
     on_start: Callable[[int], None] | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The export as byte chunks, page by page. ``on_start(total_rows)`` is called once the
-    snapshot is taken, ``on_rows(n)`` after each page (progress bars)."""
-    encoder = ENCODERS[fmt]()
+    """The export as byte chunks. ``on_start(total_rows)`` is called once the snapshot is
+    taken, ``on_rows(n)`` as rows are written (progress bars): per chunk for CSV and JSONL,
+    per row group for Parquet."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}")
+    progress = on_rows or (lambda rows: None)
     async with ledger_export_snapshot(engine, query) as snapshot:
         if on_start is not None:
             on_start(snapshot.rows)
-        head = encoder.start()
-        if head:
-            yield head
-        async for records in snapshot.pages(page_rows):
-            yield encoder.page(records)
-            if on_rows is not None:
-                on_rows(len(records))
-    tail = encoder.finish()
-    if tail:
-        yield tail
+        # aclosing: an export left early (the client went away) closes its COPY at once.
+        if fmt == "csv":
+            yield CSV_HEADER
+            records = CsvRecords()
+            async with aclosing(snapshot.csv()) as chunks:
+                async for chunk in chunks:
+                    data, rows = records.convert(chunk)
+                    yield data
+                    progress(rows)
+        elif fmt == "jsonl":
+            lines = TextCopyLines()
+            async with aclosing(snapshot.jsonl()) as chunks:
+                async for chunk in chunks:
+                    data, rows = lines.convert(chunk)
+                    yield data
+                    progress(rows)
+        else:
+            async with aclosing(_parquet(snapshot.csv(), ParquetEncoder(row_group_rows), progress)) as chunks:
+                async for data in chunks:
+                    yield data
+
+
+async def _parquet(
+    csv: AsyncIterator[bytes], encoder: ParquetEncoder, progress: Callable[[int], None]
+) -> AsyncIterator[bytes]:
+    """Blocks of whole CSV records are parsed and written in a thread while the next block
+    is read from the database (one block at a time: they share the writer)."""
+    records = CsvRecords()  # only to know where records end
+    block: list[bytes] = []
+    size = 0
+    encoding: asyncio.Future | None = None
+
+    async def written(work: Callable[..., tuple[bytes, list[int]]], *args: Any) -> bytes:
+        data, groups = await asyncio.to_thread(work, *args)
+        for rows in groups:
+            progress(rows)
+        return data
+
+    async with aclosing(csv) as chunks:
+        async for chunk in chunks:
+            records.track(chunk)
+            block.append(chunk)
+            size += len(chunk)
+            if size >= PARQUET_BLOCK_BYTES and records.at_record_end and chunk.endswith(b"\n"):
+                if encoding is not None and (data := await encoding):
+                    yield data
+                encoding = asyncio.ensure_future(written(encoder.encode, b"".join(block)))
+                block, size = [], 0
+    if encoding is not None and (data := await encoding):
+        yield data
+    if block and (data := await written(encoder.encode, b"".join(block))):
+        yield data
+    yield await written(encoder.finish)

@@ -14,13 +14,16 @@ import random
 import re
 import sys
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import httpx
+import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -28,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services import cli
 from services.contracts.events import build_usage_event
+from services.contracts.money import format_cny, format_fen
 from services.metering.api.app import create_app
 from services.metering.consumer.expiry import sweep_package_expiries
 from services.metering.ledger_export import EXPORT_COLUMN_NAMES, EXPORT_FORMATS, export_ledger
@@ -163,7 +167,9 @@ def parse_csv(body: bytes) -> list[dict[str, Any]]:
 
 
 def parse_jsonl(body: bytes) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in body.decode("utf-8").splitlines()]
+    lines = body.decode("utf-8").split("\n")  # not splitlines(): U+2028 and U+0085 may be in a value
+    assert lines.pop() == ""
+    rows = [json.loads(line) for line in lines]
     assert all(tuple(r) == EXPORT_COLUMN_NAMES for r in rows)
     return rows
 
@@ -253,27 +259,146 @@ async def test_parquet_columns_have_the_documented_types(settings, database_url,
     assert schema.field("charge_nano").type == pa.int64()
 
 
+# Values: PostgreSQL formats them; they must read exactly as Tollhouse's Python formatting.
+
+# Awkward values for every text column the database formats: signs, half-fen ties, zones
+# with half- and quarter-hour offsets and one in seconds (Monrovia until 1972), DST edges,
+# whole seconds, the ends of the queryable years, and strings that CSV must quote or JSON
+# must escape.
+EDGE_CHARGES = (0, 1, 4_999_999, 5_000_000, 5_000_001, 15_000_000, 25_000_000, 999_999_999, 10**9,
+                12_345_678_901_234, 9_223_372_036_854_775_807, -1, -5_000_000, -15_000_000, -25_000_001)
+EDGE_ZONES = ("Asia/Shanghai", "America/St_Johns", "Asia/Kathmandu", "Pacific/Chatham", "UTC", "America/Caracas",
+              "Europe/Dublin", "Africa/Monrovia", "America/Sao_Paulo")
+EDGE_TIMES = (datetime(2026, 11, 22, 10, 0, tzinfo=UTC), datetime(2026, 3, 8, 6, 59, 59, 999999, tzinfo=UTC),
+              datetime(2026, 3, 8, 7, 0, 0, 1, tzinfo=UTC), datetime(1971, 6, 1, 0, 0, 0, 500000, tzinfo=UTC),
+              datetime(1970, 1, 1, tzinfo=UTC), datetime(1972, 5, 1, 0, 44, 29, tzinfo=UTC),
+              datetime(2038, 1, 19, 3, 14, 8, tzinfo=UTC), datetime(2998, 12, 31, 23, 59, 59, 999999, tzinfo=UTC))
+EDGE_TEXTS = ("plain", "comma,inside", 'quote"inside', "line\nbreak", "cr\rreturn", "tab\there", "back\\slash",
+              "ctl\x01\x1f\x7f", "é ✓ 中文 \u2028 😀", '\\"\\n', " leading space", "trailing space ")
+
+
+def insert_edge_entries(url: str) -> None:
+    """Ledger rows written directly (the ledger takes inserts), one per combination."""
+    rows = []
+    for i, charge in enumerate(EDGE_CHARGES):
+        for j, tz in enumerate(EDGE_ZONES):
+            moment = EDGE_TIMES[(i + j) % len(EDGE_TIMES)]
+            text = EDGE_TEXTS[(i * 3 + j) % len(EDGE_TEXTS)]
+            rows.append((f"acc_{j}", "usage" if charge >= 0 else "reversal", f"key_{j}", text, text, moment,
+                         moment.astimezone(ZoneInfo(tz)).date(), charge, -charge if charge < 2**62 else 0,
+                         (i + j) % 2 == 0, None if i % 3 else 7, text if j % 2 else None))
+    with psycopg.connect(url) as conn:
+        for j, tz in enumerate(EDGE_ZONES):
+            conn.execute("INSERT INTO accounts (account_id, name, tier, timezone) VALUES (%s, 'edge', 'free', %s)",
+                         (f"acc_{j}", tz))
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO ledger_entries (account_id, entry_type, key_id, request_id, source, event_time, local_day,"
+                " charge, balance_delta, usage_estimated, price_id, reference) VALUES"
+                " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [(r[0], *r[1:]) for r in rows])
+
+
+EVERYTHING = {"from": "1970-01-01T00:00:00Z", "to": "2999-01-01T00:00:00Z"}
+
+
+async def test_database_formatting_reads_exactly_as_the_python_formatting(database_url, client):
+    insert_edge_entries(database_url)
+    expected = [as_export(r) for j in range(len(EDGE_ZONES)) for r in await ledger_rows(client, account_id=f"acc_{j}")]
+    expected.sort(key=lambda r: r["entry_id"])
+    assert len(expected) == len(EDGE_CHARGES) * len(EDGE_ZONES)
+    for fmt in EXPORT_FORMATS:
+        assert PARSERS[fmt]((await export(client, fmt, **EVERYTHING)).content) == expected, fmt
+    # The money columns are Tollhouse's own strings, to the character.
+    rows = parse_jsonl((await export(client, "jsonl", **EVERYTHING)).content)
+    for row in rows:
+        assert row["charge_cny"] == format_cny(row["charge_nano"])
+        assert row["charge_fen"] == format_fen(row["charge_nano"])
+        assert row["balance_delta_cny"] == format_cny(row["balance_delta_nano"])
+    assert "-00:44:30" in {r["event_time_local"][-9:] for r in rows}  # Monrovia's offset until 1972
+
+
+def python_csv(rows: list[dict[str, Any]]) -> bytes:
+    """What the export wrote before the database formatted it: Python's csv module."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(EXPORT_COLUMN_NAMES)
+    for row in rows:
+        writer.writerow([{True: "true", False: "false"}.get(v, v) if isinstance(v, bool) else v for v in row.values()])
+    return out.getvalue().encode()
+
+
+def python_jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for r in rows)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+async def test_text_formats_are_byte_for_byte_what_python_writes(database_url, client, fmt):
+    insert_edge_entries(database_url)
+    body = (await export(client, fmt, **EVERYTHING)).content
+    expected = (python_csv if fmt == "csv" else python_jsonl)(PARSERS[fmt](body))
+    assert body == expected
+    if fmt == "csv":  # a line break inside a quoted field is kept as it is; records end in CRLF
+        assert b'"line\nbreak"' in body and b'"cr\rreturn"' in body
+        assert body.count(b"\r\n") == len(EDGE_CHARGES) * len(EDGE_ZONES) + 1
+
+
 # Streaming
 
 
-async def test_export_is_read_and_written_in_pages_of_one_snapshot(settings, database_url, engine):
+async def test_export_reads_one_snapshot_taken_before_the_first_row(settings, database_url, engine):
     await book_ledger(settings, database_url)
     query = LedgerQuery(None, datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
-    totals, pages, chunks = [], [], []
-    async for chunk in export_ledger(engine, query, "parquet", page_rows=7, on_start=totals.append,
-                                     on_rows=pages.append):
-        chunks.append(chunk)
-        # Booking more entries mid-export changes nothing: the export reads one snapshot.
-        if len(chunks) == 2:
-            seed.topup(database_url, "acc_sh", NANO, "mid-export")
-    total = totals[0]
-    assert total == seed.scalar(database_url, "SELECT count(*) FROM ledger_entries") - 1 > 60
-    assert sum(pages) == total and max(pages) == 7 and len(pages) == -(-total // 7)
-    parquet = pq.ParquetFile(io.BytesIO(b"".join(chunks)))
-    assert parquet.metadata.num_row_groups == len(pages)  # a row group per page, written as read
-    assert len(chunks) >= len(pages)
-    entry_ids = parquet.read().column("entry_id").to_pylist()
-    assert entry_ids == sorted(entry_ids) and len(entry_ids) == total
+    for fmt in EXPORT_FORMATS:
+        totals: list[int] = []
+
+        def started(total: int) -> None:
+            totals.append(total)
+            # Booked once the export has begun and before it read a row: not in it.
+            seed.topup(database_url, "acc_sh", NANO, f"mid-export-{fmt}")
+
+        written: list[int] = []
+        body = b"".join([c async for c in export_ledger(engine, query, fmt, on_start=started, on_rows=written.append)])
+        rows = PARSERS[fmt](body)
+        assert totals[0] == len(rows) == sum(written) > 60
+        assert f"mid-export-{fmt}" not in {r["reference"] for r in rows}
+        assert [r["entry_id"] for r in rows] == sorted(r["entry_id"] for r in rows)
+    assert seed.scalar(database_url, "SELECT count(*) FROM ledger_entries WHERE reference LIKE 'mid-export%%'") == 3
+
+
+async def test_parquet_is_written_in_row_groups_of_the_set_size(settings, database_url, engine):
+    await book_ledger(settings, database_url)
+    query = LedgerQuery(None, datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
+    groups: list[int] = []
+    body = b"".join([c async for c in export_ledger(engine, query, "parquet", row_group_rows=7,
+                                                    on_rows=groups.append)])
+    parquet = pq.ParquetFile(io.BytesIO(body))
+    total = parquet.metadata.num_rows
+    assert groups == [7] * (total // 7) + ([total % 7] if total % 7 else [])
+    assert [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)] == groups
+
+
+async def test_an_export_left_early_ends_its_copy_and_the_next_export_works(database_url, engine):
+    seed.create_account(database_url, "acc_big", "Asia/Shanghai")
+    with psycopg.connect(database_url) as conn:  # enough rows that the COPY is still running
+        conn.execute(
+            "INSERT INTO ledger_entries (entry_type, account_id, request_id, event_time, local_day, charge)"
+            " SELECT 'usage', 'acc_big', 'req-' || i, timestamptz '2026-11-02T00:00:00Z' + i * interval '1 ms',"
+            " date '2026-11-02', i FROM generate_series(1, 200000) i")
+    query = LedgerQuery("acc_big", datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
+    for fmt in EXPORT_FORMATS:
+        chunks = aclosing(export_ledger(engine, query, fmt))
+        async with chunks as stream:
+            async for _ in stream:
+                break  # the client went away after the first chunk
+        copying = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%%' AND datname = current_database()"
+        for _ in range(50):
+            if seed.scalar(database_url, copying) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert seed.scalar(database_url, copying) == 0, fmt
+    rows = parse_jsonl(b"".join([c async for c in export_ledger(engine, query, "jsonl")]))
+    assert len(rows) == 200000 and rows[-1]["request_id"] == "req-200000"
 
 
 # The command line: the same rows, from the same code.

@@ -52,7 +52,8 @@ def cny(nano: int) -> str:
 
 
 def fen(nano: int) -> str:
-    return f"{Decimal(nano).scaleb(-9).quantize(Decimal('0.01'), rounding=ROUND_HALF_EVEN):.2f}"
+    rounded = Decimal(nano).scaleb(-9).quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN)
+    return f"{rounded + 0:.2f}"  # + 0: a tiny negative charge rounds to "0.00", not "-0.00"
 
 
 @dataclass
