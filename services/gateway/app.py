@@ -2,7 +2,7 @@
 
 ``create_app`` builds everything from settings once (metering and upstream clients, the
 spool, the emitter, the batch poller) and starts and stops it with the app's lifespan;
-tests hand in other transports or a producer factory. ``run_gateway`` serves it.
+tests hand in a producer factory. ``run_gateway`` serves it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import httpx
 import structlog
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI, Request
@@ -30,6 +29,7 @@ from services.contracts.errors import Canonical, ErrorKind, TollhouseError, erro
 from services.gateway import metrics
 from services.gateway.batches import BatchTracker
 from services.gateway.emitter import Emitter
+from services.gateway.http_client import HTTPClient
 from services.gateway.metering_client import MeteringClient, MeteringUnavailable
 from services.gateway.proxy import Proxy
 from services.gateway.spool import Spool
@@ -50,8 +50,6 @@ def spool_path(settings: Settings) -> Path:
 def create_app(
     settings: Settings,
     *,
-    metering_transport: httpx.AsyncBaseTransport | None = None,
-    upstream_transport: httpx.AsyncBaseTransport | None = None,
     producer_factory: Callable[[], AIOKafkaProducer] | None = None,
 ) -> FastAPI:
     @contextlib.asynccontextmanager
@@ -65,16 +63,12 @@ def create_app(
         emitter = await Emitter(settings, spool, producer_factory=producer_factory).start()
         metering = MeteringClient(settings.metering_url, settings.gateway_token,
                                   timeout_seconds=settings.metering_timeout_seconds,
-                                  max_connections=settings.metering_max_connections, transport=metering_transport)
-        upstream = httpx.AsyncClient(
-            base_url=settings.upstream_base_url,
+                                  max_connections=settings.metering_max_connections)
+        upstream = HTTPClient(
+            settings.upstream_base_url,
             headers={"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else None,
-            timeout=httpx.Timeout(settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds,
-                                  pool=settings.upstream_connect_timeout_seconds),
-            limits=httpx.Limits(max_connections=settings.upstream_max_connections,
-                                max_keepalive_connections=settings.upstream_max_connections),
-            transport=upstream_transport,
-        )
+            connect_timeout=settings.upstream_connect_timeout_seconds, read_timeout=settings.upstream_timeout_seconds,
+            max_connections=settings.upstream_max_connections)
         batches = BatchTracker(settings, spool, emitter, upstream)
         stop = asyncio.Event()
         poller = asyncio.create_task(batches.run(stop), name="batch-poller")
@@ -103,7 +97,7 @@ def create_app(
     )
     app.state.settings = settings
     _install_error_handlers(app)
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(FrontDoor)
 
     def proxy_of(request: Request) -> Proxy:
         return request.app.state.proxy
@@ -215,11 +209,15 @@ def error_response(kind: ErrorKind, msg: str, headers: dict[str, str] | None = N
     return JSONResponse(error_body(kind, msg), status_code=kind.http_status, headers=headers)
 
 
+def refusal_response(exc: TollhouseError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.kind.http_status == 401 else None
+    return error_response(exc.kind, exc.msg, headers)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TollhouseError)
     async def tollhouse_error(_: Request, exc: TollhouseError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.kind.http_status == 401 else None
-        return error_response(exc.kind, exc.msg, headers)
+        return refusal_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -238,12 +236,19 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled_error", path=request.url.path, exc_info=exc)
-        return error_response(errors.INTERNAL, "internal error; the gateway log has the details")
+        return internal_error_response(request.url.path, exc)
 
 
-# Request metrics, by route template so callers cannot grow the label set.
+def internal_error_response(path: str, exc: Exception) -> JSONResponse:
+    log.error("unhandled_error", path=path, exc_info=exc)
+    return error_response(errors.INTERNAL, "internal error; the gateway log has the details")
 
+
+# The front door: request metrics, and the inference routes served without FastAPI's
+# routing, dependency resolution and exception middleware (most calls are inference
+# calls, and those layers cost more CPU per call than the gateway's own work on them).
+
+_INFERENCE = {CHAT: CHAT, COMPLETIONS: COMPLETIONS, EMBEDDINGS: EMBEDDINGS}
 _UNCOUNTED = {"/metrics", "/healthz", "/readyz"}
 _PATH_PARAMETER = re.compile(r"\{[^}]*\}")
 
@@ -260,7 +265,11 @@ def _route_label(scope: Scope) -> str:
     return _template_label(route.path) if route is not None else "other"
 
 
-class RequestMetrics:
+class FrontDoor:
+    """Counts every call by route template, model and status; answers ``POST`` on the
+    inference routes itself, with the same error handling as the FastAPI routes (which
+    stay, for every other method and for the OpenAPI description)."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
@@ -276,11 +285,27 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
+        endpoint = _INFERENCE.get(scope["path"]) if scope["method"] == "POST" else None
         try:
-            await self.app(scope, receive, counted_send)
+            if endpoint is None:
+                await self.app(scope, receive, counted_send)
+            else:
+                await self._inference(scope, receive, counted_send, endpoint)
         finally:
             model = (scope.get("state") or {}).get("model", "")
-            metrics.REQUESTS.labels(_route_label(scope), model, str(status)).inc()
+            label = endpoint or _route_label(scope)
+            metrics.REQUESTS.labels(label, model, str(status)).inc()
+
+    @staticmethod
+    async def _inference(scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await request.app.state.proxy.inference(request, endpoint)
+        except TollhouseError as exc:
+            response = refusal_response(exc)
+        except Exception as exc:
+            response = internal_error_response(scope["path"], exc)
+        await response(scope, receive, send)
 
 
 # Serving

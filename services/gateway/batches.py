@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
-import httpx
 import orjson
 import structlog
 
 from services.contracts.events import build_usage_event
 from services.gateway.emitter import Emitter
+from services.gateway.http_client import HTTPClient, HTTPError
 from services.gateway.spool import BatchRecord, FileRecord, Spool
 from services.gateway.usage import Usage, usage_from
 from services.settings import Settings
@@ -93,7 +94,7 @@ def _int(value: Any) -> int | None:
 
 
 class BatchTracker:
-    def __init__(self, settings: Settings, spool: Spool, emitter: Emitter, upstream: httpx.AsyncClient) -> None:
+    def __init__(self, settings: Settings, spool: Spool, emitter: Emitter, upstream: HTTPClient) -> None:
         self.settings = settings
         self.spool = spool
         self.emitter = emitter
@@ -143,8 +144,8 @@ class BatchTracker:
         if not isinstance(file_id, str) or not file_id:
             return None
         try:
-            response = await self.upstream.get(f"files/{file_id}/content")
-        except httpx.HTTPError as exc:
+            response = await self.upstream.get(f"files/{quote(file_id, safe='')}/content")
+        except HTTPError as exc:
             log.warning("batch_output_unreadable", file_id=file_id, error=repr(exc))
             return None
         if response.status_code != 200 or len(response.content) > MAX_OUTPUT_FILE_BYTES:
@@ -171,8 +172,8 @@ class BatchTracker:
         billed = 0
         for record in await self.spool.pending_batches(POLL_PAGE):
             try:
-                response = await self.upstream.get(f"batches/{record.batch_id}")
-            except httpx.HTTPError as exc:
+                response = await self.upstream.get(f"batches/{quote(record.batch_id, safe='')}")
+            except HTTPError as exc:
                 log.warning("batch_poll_failed", batch_id=record.batch_id, error=repr(exc))
                 return billed  # upstream is down: try again next round
             if response.status_code != 200:

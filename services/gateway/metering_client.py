@@ -1,6 +1,6 @@
 """The gateway's client for metering's gateway-facing API (DESIGN §6.3).
 
-One pooled HTTP/1.1 client with the gateway token. Anything but a well-formed 200 (no
+One pooled HTTP/1.1 client (``http_client``) with the gateway token. Anything but a well-formed 200 (no
 answer in ``METERING_TIMEOUT_SECONDS``, a connection error, a 5xx, a refused gateway
 token) is ``MeteringUnavailable``: the gateway then fails closed with 503.
 """
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import msgspec
 import structlog
 
 from services.gateway import metrics
+from services.gateway.http_client import HTTPClient, HTTPError, Response
 
 log = structlog.get_logger("tollhouse.gateway.metering")
 
@@ -56,23 +56,11 @@ _encode = msgspec.json.Encoder().encode
 
 
 class MeteringClient:
-    def __init__(
-        self,
-        base_url: str,
-        gateway_token: str,
-        *,
-        timeout_seconds: float,
-        max_connections: int,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
+    def __init__(self, base_url: str, gateway_token: str, *, timeout_seconds: float, max_connections: int) -> None:
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers={"Authorization": f"Bearer {gateway_token}", "Content-Type": "application/json"},
-            timeout=httpx.Timeout(timeout_seconds),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
-        )
+        self._client = HTTPClient(
+            self.base_url, headers={"Authorization": f"Bearer {gateway_token}", "Content-Type": "application/json"},
+            connect_timeout=timeout_seconds, read_timeout=timeout_seconds, max_connections=max_connections)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -98,11 +86,11 @@ class MeteringClient:
         """Raise ``MeteringUnavailable`` unless metering answers its /readyz."""
         await self._request("GET", "/readyz")
 
-    async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    async def _request(self, method: str, path: str, **kwargs) -> Response:
         try:
             response = await self._client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise MeteringUnavailable(f"metering at {self.base_url} is unreachable: {type(exc).__name__}") from None
+        except HTTPError as exc:
+            raise MeteringUnavailable(f"metering at {self.base_url} is unreachable: {exc}") from None
         if response.status_code != 200:
             if response.status_code in (401, 403):
                 log.error("metering_refused_gateway_token", status=response.status_code, path=path)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import httpx
 import msgspec
 import orjson
 import structlog
@@ -32,6 +32,8 @@ from services.contracts.events import UsageEvent, build_usage_event
 from services.gateway import metrics
 from services.gateway.batches import TERMINAL_STATUS, BatchTracker, MultipartError, parse_multipart
 from services.gateway.emitter import Emitter
+from services.gateway.http_client import ConnectFailed, HTTPClient, HTTPError
+from services.gateway.http_client import Response as UpstreamReply
 from services.gateway.metering_client import Authorization, KeyModels, MeteringClient, MeteringUnavailable
 from services.gateway.spool import BatchRecord, FileRecord, Spool, SpoolError
 from services.gateway.sse import SSEError, SSEParser
@@ -64,7 +66,8 @@ LIST_PAGE_MAX = 100
 LIST_FETCHES_AT_ONCE = 16
 
 # Request headers never forwarded: hop-by-hop, the caller's credentials (upstream gets
-# the gateway's own key), and what httpx sets itself.
+# the gateway's own key), compression (replies are read as they come), and what the
+# client sets itself.
 _DROP_REQUEST_HEADERS = frozenset({
     "host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
     "proxy-authorization", "proxy-connection", "authorization", "x-api-key", "cookie", "accept-encoding",
@@ -153,15 +156,15 @@ def _forward_headers(request: Request, **extra: str) -> dict[str, str]:
     return headers
 
 
-def _reply_headers(upstream: httpx.Response) -> dict[str, str]:
+def _reply_headers(upstream: UpstreamReply) -> dict[str, str]:
     return {name: upstream.headers[name] for name in _KEEP_RESPONSE_HEADERS if name in upstream.headers}
 
 
-def _passthrough(upstream: httpx.Response, content: bytes) -> Response:
+def _passthrough(upstream: UpstreamReply, content: bytes) -> Response:
     return Response(content, status_code=upstream.status_code, headers=_reply_headers(upstream))
 
 
-def _upstream_error(upstream: httpx.Response, content: bytes) -> Response:
+def _upstream_error(upstream: UpstreamReply, content: bytes) -> Response:
     """Upstream's error, status and body, for the caller to see, except when upstream
     refused the gateway's own credentials (401/403): passed through, that would tell the
     caller their key is bad, so it is a 503 and an error in the gateway's log instead."""
@@ -191,15 +194,13 @@ def _read_reply(content: bytes) -> _Reply:
         return _Reply()
 
 
-def _unreachable(exc: httpx.HTTPError) -> TollhouseError:
-    return TollhouseError(errors.UNAVAILABLE,
-                          f"The upstream model service is unavailable ({type(exc).__name__}). Retry shortly.")
+def _unreachable(exc: HTTPError) -> TollhouseError:
+    return TollhouseError(errors.UNAVAILABLE, f"The upstream model service is unavailable ({exc}). Retry shortly.")
 
 
-def _never_sent(exc: httpx.HTTPError) -> bool:
+def _never_sent(exc: HTTPError) -> bool:
     """The call did not reach upstream (so nothing was generated and nothing is billed)."""
-    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.LocalProtocolError,
-                            httpx.UnsupportedProtocol))
+    return isinstance(exc, ConnectFailed)
 
 
 @dataclass(slots=True)
@@ -221,7 +222,7 @@ class Proxy:
         self,
         settings: Settings,
         metering: MeteringClient,
-        upstream: httpx.AsyncClient,
+        upstream: HTTPClient,
         spool: Spool,
         emitter: Emitter,
         batches: BatchTracker,
@@ -331,12 +332,12 @@ class Proxy:
         path = call.endpoint.removeprefix("/v1/")
         try:
             upstream = await self.upstream.post(path, content=raw, headers=headers)
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             raise await self._upstream_failed(call, exc) from None
         metrics.UPSTREAM_SECONDS.labels(call.endpoint).observe(time.perf_counter() - call.started)
         return await self._finish_unary(call, upstream, upstream.content)
 
-    async def _finish_unary(self, call: Call, upstream: httpx.Response, content: bytes) -> Response:
+    async def _finish_unary(self, call: Call, upstream: UpstreamReply, content: bytes) -> Response:
         reply = _read_reply(content)
         request_id = reply.id or upstream.headers.get("x-request-id")
         usage = usage_from(reply.usage)
@@ -353,7 +354,7 @@ class Proxy:
         await self.meter(call, usage, status="ok", estimated=estimated, request_id=request_id)
         return _passthrough(upstream, content)
 
-    async def _upstream_failed(self, call: Call, exc: httpx.HTTPError) -> TollhouseError:
+    async def _upstream_failed(self, call: Call, exc: HTTPError) -> TollhouseError:
         """No (complete) answer from upstream: the 503 to raise. If the call may have run,
         it is an ``error`` event; if it never left the gateway, there is nothing to bill."""
         log.warning("upstream_failed", endpoint=call.endpoint, error=repr(exc))
@@ -363,17 +364,15 @@ class Proxy:
 
     async def _stream(self, call: Call, raw: bytes, headers: dict[str, str], wants_usage: bool) -> Response:
         path = call.endpoint.removeprefix("/v1/")
-        request = self.upstream.build_request(
-            "POST", path, content=raw, headers={**headers, "accept-encoding": "identity"})
         try:
-            upstream = await self.upstream.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            upstream = await self.upstream.request("POST", path, content=raw, headers=headers, stream=True)
+        except HTTPError as exc:
             raise await self._upstream_failed(call, exc) from None
         metrics.UPSTREAM_SECONDS.labels(call.endpoint).observe(time.perf_counter() - call.started)
         if upstream.status_code >= 400 or "text/event-stream" not in upstream.headers.get("content-type", ""):
             try:
                 content = await _read_limited(upstream, MAX_ERROR_BODY_BYTES if upstream.status_code >= 400 else None)
-            except httpx.HTTPError as exc:
+            except HTTPError as exc:
                 raise await self._upstream_failed(call, exc) from None
             finally:
                 await upstream.aclose()
@@ -422,10 +421,11 @@ class Proxy:
         try:
             upstream = await self.upstream.post(
                 "files", content=raw, headers=_forward_headers(request, **{"content-type": content_type}))
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             raise _unreachable(exc) from None
+        content = upstream.content
         if upstream.status_code == 200:
-            file_id = _read_reply(upstream.content).id
+            file_id = _read_reply(content).id
             if file_id:
                 assert key.account_id and key.key_id
                 await self.spool.record_file(FileRecord(
@@ -451,7 +451,7 @@ class Proxy:
                                                   newest_first=order == "desc", purpose=purpose)
 
         async def upstream_file(record: FileRecord) -> dict | None:
-            found = await self._upstream_object(request, f"files/{record.file_id}")
+            found = await self._upstream_object(request, f"files/{_segment(record.file_id)}")
             if found is None:  # deleted or expired upstream: no longer listed
                 await self.spool.forget_file(record.file_id)
             return found
@@ -462,12 +462,12 @@ class Proxy:
 
     async def retrieve_file(self, request: Request, file_id: str) -> Response:
         await self._owned_file(request, file_id)
-        upstream = await self._forward(request, "GET", f"files/{file_id}")
+        upstream = await self._forward(request, "GET", f"files/{_segment(file_id)}")
         return _upstream_error(upstream, upstream.content)
 
     async def delete_file(self, request: Request, file_id: str) -> Response:
         await self._owned_file(request, file_id)
-        upstream = await self._forward(request, "DELETE", f"files/{file_id}")
+        upstream = await self._forward(request, "DELETE", f"files/{_segment(file_id)}")
         if upstream.status_code in (200, 404):  # gone either way
             await self.spool.forget_file(file_id)
         return _upstream_error(upstream, upstream.content)
@@ -475,10 +475,9 @@ class Proxy:
     async def file_content(self, request: Request, file_id: str) -> Response:
         await self._owned_file(request, file_id)
         try:
-            upstream = await self.upstream.send(
-                self.upstream.build_request("GET", f"files/{file_id}/content", headers=_forward_headers(request)),
-                stream=True)
-        except httpx.HTTPError as exc:
+            upstream = await self.upstream.request("GET", f"files/{_segment(file_id)}/content",
+                                                   headers=_forward_headers(request), stream=True)
+        except HTTPError as exc:
             raise _unreachable(exc) from None
         if upstream.status_code != 200:
             try:
@@ -518,7 +517,7 @@ class Proxy:
         try:
             upstream = await self.upstream.post(
                 "batches", content=raw, headers=_forward_headers(request, **{"content-type": "application/json"}))
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             raise await self._upstream_failed(call, exc) from None
         if upstream.status_code >= 400:
             reply = _read_reply(upstream.content)
@@ -550,7 +549,7 @@ class Proxy:
             return await self.spool.account_batches(key.account_id, after=after, limit=size)  # type: ignore[arg-type]
 
         async def upstream_batch(record: BatchRecord) -> dict | None:
-            batch = await self._upstream_object(request, f"batches/{record.batch_id}")
+            batch = await self._upstream_object(request, f"batches/{_segment(record.batch_id)}")
             if batch is not None:
                 await self._settle_if_ended(record, batch)
             return batch
@@ -560,12 +559,12 @@ class Proxy:
         return _list_reply(batches, more)
 
     async def get_batch(self, request: Request, batch_id: str) -> Response:
-        return await self._batch_call(request, batch_id, "GET", f"batches/{batch_id}")
+        return await self._batch_call(request, batch_id, "GET", f"batches/{_segment(batch_id)}")
 
     async def cancel_batch(self, request: Request, batch_id: str) -> Response:
         """Cancel at upstream. The job is billed once it has ended (``cancelled``, usually a
         little later): the lines it ran, as a ``cancelled`` event."""
-        return await self._batch_call(request, batch_id, "POST", f"batches/{batch_id}/cancel")
+        return await self._batch_call(request, batch_id, "POST", f"batches/{_segment(batch_id)}/cancel")
 
     async def _batch_call(self, request: Request, batch_id: str, method: str, path: str) -> Response:
         """A call on one job, only for the account that owns it (else 404); the job it
@@ -588,10 +587,10 @@ class Proxy:
 
     # Upstream calls that are not billed
 
-    async def _forward(self, request: Request, method: str, path: str) -> httpx.Response:
+    async def _forward(self, request: Request, method: str, path: str) -> UpstreamReply:
         try:
             return await self.upstream.request(method, path, headers=_forward_headers(request))
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             raise _unreachable(exc) from None
 
     async def _upstream_object(self, request: Request, path: str) -> dict | None:
@@ -651,6 +650,11 @@ def _query_int(raw: str | None, name: str, *, default: int, most: int) -> int:
     return int(raw)
 
 
+def _segment(object_id: str) -> str:
+    """An id as one path segment of an upstream URL (a caller's id may hold '/', '?', …)."""
+    return urllib.parse.quote(object_id, safe="")
+
+
 def _json_or_none(content: bytes) -> Any:
     try:
         return orjson.loads(content)
@@ -658,7 +662,7 @@ def _json_or_none(content: bytes) -> Any:
         return None
 
 
-async def _read_limited(upstream: httpx.Response, limit: int | None) -> bytes:
+async def _read_limited(upstream: UpstreamReply, limit: int | None) -> bytes:
     if limit is None:
         return await upstream.aread()
     chunks, size = [], 0
@@ -685,7 +689,7 @@ class MeteredStream(Response):
     away, the upstream request is closed and the call is billed as an estimate too.
     """
 
-    def __init__(self, proxy: Proxy, call: Call, upstream: httpx.Response, wants_usage: bool) -> None:
+    def __init__(self, proxy: Proxy, call: Call, upstream: UpstreamReply, wants_usage: bool) -> None:
         self.proxy = proxy
         self.call = call
         self.upstream = upstream
@@ -782,7 +786,7 @@ class MeteredStream(Response):
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
                 if meter.done:
                     break
-        except (httpx.HTTPError, SSEError) as exc:
+        except (HTTPError, SSEError) as exc:
             log.warning("upstream_stream_broke", endpoint=self.call.endpoint, error=repr(exc),
                         streamed_bytes=meter.completion_bytes)
         if not self.metered:

@@ -1,0 +1,401 @@
+"""Gateway benchmark: what the gateway adds to a call, against calling upstream directly.
+
+Starts everything as separate processes (an embedded PostgreSQL, the local broker,
+`tollhouse metering`, `tollhouse upstream-sim` with no artificial latency, and
+`tollhouse gateway` in front of it) and drives them from a load generator in another
+process. In one run, with the same requests:
+
+  * non-streaming chat completions at a steady rate (default 500/s), open loop (latency
+    counts from each request's scheduled send time, so a stall is not hidden): p50/p99
+    through the gateway and straight to upstream-sim, and the difference (added latency);
+  * streaming chat completions at the same rate: time to the first byte of the stream body
+    (p50, p99) both ways, and the difference;
+  * the most calls/s each way with a fixed number of connections kept busy (closed loop):
+    the throughput ratio gateway / direct;
+  * the gateway's CPU time per call, and whether every gateway call produced its usage event.
+
+Direct and gateway phases alternate (A B B A …) so drift of the shared machine falls on both.
+
+Run:  python bench/gateway.py [--rate 500] [--seconds 10] [--rounds 2] [--keys 100]
+      [--profile-gateway FILE]  (the gateway under cProfile; read with python -m pstats FILE)
+Starts its own embedded PostgreSQL and broker unless TOLLHOUSE_DATABASE_URL /
+TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS are set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psycopg  # noqa: E402
+
+from services.local_services import LocalBroker, free_port, port_in_use, start_embedded_postgres  # noqa: E402
+from services.metering.consumer.topics import ensure_topics  # noqa: E402
+from services.metering.store.migrate import upgrade_to_head  # noqa: E402
+from services.runtime import ensure_database  # noqa: E402
+
+NANO = 10**9
+GATEWAY_TOKEN = "bench-gateway-token"
+MODEL = "gpt-4o"
+PROMPT = [{"role": "user", "content": "Say hello to the gateway benchmark, briefly please."}]
+
+
+def seed(url: str, keys: int) -> list[str]:
+    """Accounts of 10 PAYG keys each, balance to spare and no caps; returns the API keys."""
+    now = datetime.now(timezone.utc)
+    out = []
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO prices (model, effective_from, input_price, output_price, cached_input_price)"
+                     " VALUES (%s, %s, 2500, 10000, 1250)",
+                     (MODEL, now - timedelta(days=1)))
+        with conn.cursor() as cur:
+            for a in range(max(1, keys // 10)):
+                cur.execute("INSERT INTO accounts (account_id, name, tier, timezone) VALUES (%s, 'bench', 'developer',"
+                            " 'Asia/Shanghai')", (f"acc_{a:05d}",))
+                cur.execute("INSERT INTO account_balances (account_id, balance) VALUES (%s, %s)",
+                            (f"acc_{a:05d}", 10**9 * NANO))
+            for k in range(keys):
+                secret = "sk-" + secrets.token_urlsafe(32)
+                cur.execute(
+                    "INSERT INTO api_keys (key_id, account_id, name, secret_hash, secret_hint, billing_mode, daily_cap,"
+                    " monthly_cap) VALUES (%s, %s, 'bench', %s, 'sk-', 'payg', 0, 0)",
+                    (f"key_{k:05d}", f"acc_{k // 10:05d}", hashlib.sha256(secret.encode()).digest()))
+                out.append(secret)
+    return out
+
+
+# ---------------------------------------------------------------- the load generator (its own process)
+
+
+@dataclass
+class Phase:
+    name: str
+    port: int
+    stream: bool
+    seconds: float
+    rate: int = 0  # requests/s, open loop; 0: closed loop, every connection busy
+    connections: int = 64
+
+
+@dataclass
+class Outcome:
+    name: str
+    requests: int = 0
+    errors: int = 0
+    elapsed: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # seconds, to the last byte
+    first_bytes: list[float] = field(default_factory=list)  # seconds, to the first body byte (streams)
+
+
+def _request_bytes(key: str, stream: bool) -> bytes:
+    body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": 16, "stream": stream}).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer " + key.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[bool, float]:
+    """Send one request, read the whole reply (content-length or chunked); return (ok, the
+    perf_counter time the first body byte arrived)."""
+    writer.write(request)
+    status = await reader.readline()
+    length, chunked = 0, False
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    first = 0.0
+    if not chunked:
+        await reader.readexactly(length)
+        first = time.perf_counter()
+    else:
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size and not first:
+                first = time.perf_counter()
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    return b" 200 " in status, first
+
+
+async def _run_phase(phase: Phase, keys: list[str]) -> Outcome:
+    outcome = Outcome(phase.name)
+    requests = [_request_bytes(k, phase.stream) for k in keys]
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    start = time.perf_counter() + 0.2
+    stop_at = start + phase.seconds
+
+    async def worker(n: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", phase.port)
+        i = n
+        try:
+            while True:
+                if phase.rate:
+                    i = await queue.get()
+                    if i < 0:
+                        return
+                    due = start + i / phase.rate
+                else:
+                    due = time.perf_counter()
+                    if due >= stop_at:
+                        return
+                ok, first = await _exchange(reader, writer, requests[i % len(requests)])
+                done = time.perf_counter()
+                if not phase.rate and done > stop_at:
+                    return  # finished after the window closed: not counted
+                outcome.requests += 1
+                outcome.errors += not ok
+                outcome.latencies.append(done - due)
+                if phase.stream:
+                    outcome.first_bytes.append(first - due)
+                i += phase.connections
+        finally:
+            writer.close()
+
+    if phase.rate:
+        workers = [asyncio.create_task(worker(n)) for n in range(phase.connections)]
+        total = int(phase.rate * phase.seconds)
+        for i in range(total):
+            delay = start + i / phase.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            queue.put_nowait(i)
+        for _ in workers:
+            queue.put_nowait(-1)
+    else:
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        workers = [asyncio.create_task(worker(n)) for n in range(phase.connections)]
+    await asyncio.gather(*workers)
+    outcome.elapsed = (time.perf_counter() - start) if phase.rate else phase.seconds
+    return outcome
+
+
+def _load_process(phases: list[Phase], keys: list[str], commands, results) -> None:
+    """Runs each phase when told to (so the parent can read CPU counters around it)."""
+    import uvloop
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        for phase in phases:
+            await loop.run_in_executor(None, commands.get)
+            results.put(await _run_phase(phase, keys))
+
+    uvloop.run(go())
+
+
+# ---------------------------------------------------------------- the servers
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _start(args: list[str], env: dict, port: int, name: str, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not port_in_use(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{name} did not start; see {log}")
+        time.sleep(0.1)
+    return proc
+
+
+def _counters(servers: dict[str, subprocess.Popen], gateway_metrics: str) -> dict[str, float]:
+    """CPU seconds of each server process, and the gateway's hop histograms (sum, count)."""
+    text = urllib.request.urlopen(gateway_metrics, timeout=10).read().decode()
+    out = {f"cpu {name}": _cpu_seconds(proc.pid) for name, proc in servers.items()}
+    for key, metric in (("authorize", "tollhouse_gateway_authorize_seconds"),
+                        ("upstream", "tollhouse_gateway_upstream_seconds")):
+        out[f"{key}_sum"] = _metric_in(text, f"{metric}_sum")
+        out[f"{key}_count"] = _metric_in(text, f"{metric}_count")
+    return out
+
+
+def _metric(url: str, name: str) -> float:
+    return _metric_in(urllib.request.urlopen(url, timeout=10).read().decode(), name)
+
+
+def _metric_in(text: str, name: str) -> float:
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def _summary(outcomes: list[Outcome]) -> dict:
+    latencies = sorted(x for o in outcomes for x in o.latencies)
+    first = sorted(x for o in outcomes for x in o.first_bytes)
+    requests = sum(o.requests for o in outcomes)
+    elapsed = sum(o.elapsed for o in outcomes)
+
+    def pct(values: list[float], q: int) -> float:
+        return statistics.quantiles(values, n=1000)[q - 1] * 1000 if len(values) > 1 else float("nan")
+
+    out = {"requests": requests, "errors": sum(o.errors for o in outcomes), "achieved_rps": requests / elapsed,
+           "p50_ms": pct(latencies, 500), "p99_ms": pct(latencies, 990), "max_ms": latencies[-1] * 1000}
+    if first:
+        out.update(ttfb_p50_ms=pct(first, 500), ttfb_p99_ms=pct(first, 990))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rate", type=int, default=500, help="requests/s of the steady phases")
+    parser.add_argument("--seconds", type=float, default=10, help="length of one steady phase")
+    parser.add_argument("--rounds", type=int, default=2, help="direct/gateway alternations of each steady phase")
+    parser.add_argument("--saturate-seconds", type=float, default=8, help="length of one closed-loop phase")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--saturate-connections", type=int, default=32)
+    parser.add_argument("--keys", type=int, default=100)
+    parser.add_argument("--profile-gateway", metavar="FILE", help="run the gateway under cProfile, stats to FILE")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="tollhouse-bench-gw-"))
+    broker = None
+    bootstrap = os.environ.get("TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        broker = LocalBroker(log_path=work / "broker.log").start()
+        bootstrap = broker.bootstrap_servers
+    server = os.environ.get("TOLLHOUSE_DATABASE_URL") or start_embedded_postgres(work / "pg")
+    url = ensure_database(server, f"bench_{uuid.uuid4().hex[:8]}")
+    upgrade_to_head(url)
+    keys = seed(url, args.keys)
+    suffix = uuid.uuid4().hex[:6]
+    topics = {"TOLLHOUSE_USAGE_TOPIC": f"bench-gw-usage-{suffix}", "TOLLHOUSE_DLQ_TOPIC": f"bench-gw-dlq-{suffix}",
+              "TOLLHOUSE_BREACH_TOPIC": f"bench-gw-breach-{suffix}"}
+    import uvloop
+
+    uvloop.run(ensure_topics(bootstrap, list(topics.values()), 4))
+
+    metering_port, sim_port, gateway_port = free_port(), free_port(), free_port()
+    env = {**os.environ, **topics, "TOLLHOUSE_DATABASE_URL": url, "TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+           "TOLLHOUSE_GATEWAY_TOKEN": GATEWAY_TOKEN, "TOLLHOUSE_CONSUMER_GROUP": f"bench-gw-{suffix}",
+           "TOLLHOUSE_LOG_LEVEL": "warning", "TOLLHOUSE_METERING_URL": f"http://127.0.0.1:{metering_port}",
+           "TOLLHOUSE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{sim_port}/v1", "TOLLHOUSE_UPSTREAM_API_KEY": "sk-bench",
+           "TOLLHOUSE_DATA_DIR": str(work / "gateway"), "TOLLHOUSE_GATEWAY_ID": "gw-bench"}
+    profile = ["-m", "cProfile", "-o", str(Path(args.profile_gateway).resolve())] if args.profile_gateway else []
+    procs = []
+    try:
+        procs.append(_start(["-m", "services.cli", "metering", "--no-consumer", "--port", str(metering_port)], env,
+                            metering_port,
+                            "metering", work / "metering.log"))
+        procs.append(_start(["-m", "services.cli", "upstream-sim", "--port", str(sim_port)], env, sim_port,
+                            "upstream-sim", work / "upstream-sim.log"))
+        gateway = _start([*profile, "-m", "services.cli", "gateway", "--port", str(gateway_port)], env, gateway_port,
+                         "gateway", work / "gateway.log")
+        procs.append(gateway)
+        targets = {"direct": sim_port, "gateway": gateway_port}
+
+        phases: list[Phase] = [Phase(f"warm {t}", port, stream, 2, min(args.rate, 200), args.connections)
+                               for t, port in targets.items() for stream in (False, True)]
+        for kind, stream in (("unary", False), ("stream", True)):
+            for r in range(args.rounds):
+                order = ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")
+                phases += [Phase(f"{t} {kind}", targets[t], stream, args.seconds, args.rate, args.connections)
+                           for t in order]
+        phases += [Phase(f"{t} saturate", targets[t], False, args.saturate_seconds, 0, args.saturate_connections)
+                   for t in ("direct", "gateway")]
+
+        ctx = multiprocessing.get_context("spawn")
+        commands, results = ctx.Queue(), ctx.Queue()
+        load = ctx.Process(target=_load_process, args=(phases, keys, commands, results))
+        load.start()
+        outcomes: dict[str, list[Outcome]] = {}
+        spent: dict[str, dict[str, float]] = {}  # per phase: CPU seconds per process, hop seconds
+        gateway_metrics = f"http://127.0.0.1:{gateway_port}/metrics"
+        for phase in phases:
+            before = _counters(servers := {"gateway": gateway, "metering": procs[0], "upstream-sim": procs[1]},
+                               gateway_metrics)
+            commands.put(phase.name)
+            outcome = results.get()
+            if not phase.name.startswith("warm"):
+                outcomes.setdefault(phase.name, []).append(outcome)
+                after = _counters(servers, gateway_metrics)
+                totals = spent.setdefault(phase.name, {})
+                for name, value in after.items():
+                    totals[name] = totals.get(name, 0.0) + value - before[name]
+            print(f"  {phase.name:18s} {outcome.requests:>7,} calls  {outcome.errors} errors", flush=True)
+        load.join()
+        time.sleep(2)  # the sender drains the spool
+        spooled = _metric(gateway_metrics, "tollhouse_gateway_events_spooled_total")
+        sent = _metric(gateway_metrics, "tollhouse_gateway_events_sent_total")
+        served = _metric(gateway_metrics, "tollhouse_gateway_requests_total")
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if broker:
+            broker.stop()
+
+    figures = {name: _summary(o) for name, o in outcomes.items()}
+    for name, f in figures.items():
+        calls = max(1, f["requests"])
+        used = spent[name]
+        f["cpu_ms_per_call"] = {p: round(used[f"cpu {p}"] * 1000 / calls, 3)
+                                for p in ("gateway", "metering", "upstream-sim")}
+        if name.startswith("gateway"):
+            f["authorize_mean_ms"] = used["authorize_sum"] * 1000 / max(1.0, used["authorize_count"])
+            f["upstream_headers_mean_ms"] = used["upstream_sum"] * 1000 / max(1.0, used["upstream_count"])
+    du, gu = figures["direct unary"], figures["gateway unary"]
+    ds, gs = figures["direct stream"], figures["gateway stream"]
+    dsat, gsat = figures["direct saturate"], figures["gateway saturate"]
+    result = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+        "rate": args.rate, "seconds": args.seconds, "rounds": args.rounds, "keys": args.keys,
+        "added_p50_ms": gu["p50_ms"] - du["p50_ms"], "added_p99_ms": gu["p99_ms"] - du["p99_ms"],
+        "steady_throughput_ratio": gu["achieved_rps"] / du["achieved_rps"],
+        "added_ttfb_p50_ms": gs["ttfb_p50_ms"] - ds["ttfb_p50_ms"],
+        "added_ttfb_p99_ms": gs["ttfb_p99_ms"] - ds["ttfb_p99_ms"],
+        "max_throughput_ratio": gsat["achieved_rps"] / dsat["achieved_rps"],
+        "usage_events": {"spooled": spooled, "sent": sent, "gateway_requests": served},
+        "phases": figures,
+    }
+    print()
+    for name, f in figures.items():
+        extra = f"  first byte p50 {f['ttfb_p50_ms']:.2f} ms p99 {f['ttfb_p99_ms']:.2f} ms" if "ttfb_p50_ms" in f else ""
+        cpu = "  CPU ms/call " + " ".join(f"{p} {v:.2f}" for p, v in f["cpu_ms_per_call"].items())
+        hops = (f"  mean authorize {f['authorize_mean_ms']:.2f} ms, upstream headers {f['upstream_headers_mean_ms']:.2f} ms"
+                if "authorize_mean_ms" in f else "")
+        print(f"{name:16s} {f['achieved_rps']:>7,.0f}/s  p50 {f['p50_ms']:.2f} ms  p99 {f['p99_ms']:.2f} ms"
+              f"  max {f['max_ms']:.1f} ms{extra}  ({f['requests']:,} calls, {f['errors']} errors)")
+        print(f"{'':16s}{cpu}{hops}")
+    print()
+    print(f"added by the gateway @{args.rate}/s: p50 {result['added_p50_ms']:+.2f} ms (target ≤ 1 ms), "
+          f"p99 {result['added_p99_ms']:+.2f} ms (target ≤ 3 ms); throughput at that rate "
+          f"{result['steady_throughput_ratio']:.3f}× direct")
+    print(f"streaming first byte added @{args.rate}/s: p50 {result['added_ttfb_p50_ms']:+.2f} ms (target ≤ 1 ms), "
+          f"p99 {result['added_ttfb_p99_ms']:+.2f} ms")
+    print(f"most calls/s with {args.saturate_connections} connections busy: gateway {gsat['achieved_rps']:,.0f}/s, "
+          f"direct {dsat['achieved_rps']:,.0f}/s, ratio {result['max_throughput_ratio']:.2f}")
+    print(f"usage events: {spooled:,.0f} spooled, {sent:,.0f} sent to the broker, "
+          f"for {served:,.0f} gateway requests")
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "gateway.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
