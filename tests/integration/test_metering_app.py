@@ -111,6 +111,13 @@ async def test_unknown_route_and_wrong_method_use_the_error_shape(database_url, 
         assert_error_shape(await c.get("/v1/prices/gpt-4o"), 405, 3, "PUT")
 
 
+async def test_a_405_allows_every_method_of_the_path(database_url, engine):
+    async with client_for(create_app(settings_for(database_url), engine)) as c:
+        r = await c.delete("/v1/keys/key_1")
+    assert_error_shape(r, 405, 3, "use GET, PATCH")
+    assert r.headers["allow"] == "GET, PATCH"
+
+
 async def test_other_routers_plug_in_with_their_role(database_url, engine):
     gateway = APIRouter(dependencies=[Depends(require_gateway)])
     billing = APIRouter(dependencies=[Depends(require_billing_read)])

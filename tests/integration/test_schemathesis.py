@@ -4,7 +4,8 @@ The real app is served by uvicorn on a test database seeded with accounts, keys,
 prices, usage, breaches, ledger entries and dead letters; path and query parameters are
 drawn from those ids part of the time, so generated requests reach real objects as well as
 missing ones. Every response must be: no 5xx, a status code the schema documents for the
-operation, the documented content type, and a body that matches the documented schema.
+operation, the documented content type, and a body that matches the documented schema; a
+method the path does not serve is a 405 whose ``Allow`` lists the methods it does serve.
 
 Generation is bounded and seeded, so a run is the same every time.
 """
@@ -29,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
 )
 
 from services.contracts.events import build_usage_event, encode_event
@@ -46,7 +48,13 @@ SEED = 20261122
 MAX_EXAMPLES = 25  # per operation, fuzzing phase; the examples and coverage phases add a bounded few
 
 ADMIN_TOKEN, GATEWAY_TOKEN, BILLING_TOKEN = "admin-token", "gateway-token", "billing-token"
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    unsupported_method,  # a method the path does not serve is a 405 whose Allow lists the ones it does
+]
 
 UTC = timezone.utc
 NANO = 1_000_000_000

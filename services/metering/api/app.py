@@ -25,6 +25,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.contracts.errors import (
@@ -52,6 +53,7 @@ log = structlog.get_logger("tollhouse.metering.api")
 MAX_REPORTED_ERRORS = 5
 MAX_REQUEST_ID_CHARS = 128
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 METHOD_NOT_ALLOWED = ErrorKind(405, Canonical.INVALID_ARGUMENT, "method_not_allowed", "invalid_request_error")
 
 _KIND_BY_STATUS = {
@@ -196,6 +198,19 @@ def describe_validation_errors(errors: Iterable[Any]) -> str:
     return "; ".join(parts) or "request: invalid"
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method the app serves at the request's path, for a 405's ``Allow``.
+
+    The router's own 405 names only the methods of the first route whose path matches, so a
+    path served by several routes (GET and PATCH /v1/keys/{key_id}) would be under-reported.
+    """
+    routes = request.app.router.routes
+    return ", ".join(
+        method for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    )
+
+
 def _sqlstate(exc: DBAPIError) -> str:
     for candidate in (exc.orig, getattr(exc.orig, "__cause__", None)):
         code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
@@ -223,8 +238,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             msg = f"no route {request.method} {path}; the API is described at /docs"
         elif exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow", "")
+            allowed = allowed_methods(request) or (exc.headers or {}).get("Allow", "")
             msg = f"method {request.method} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
+            return error_response(kind, msg, {**(exc.headers or {}), "Allow": allowed} if allowed else None)
         else:
             msg = str(exc.detail)
         return error_response(kind, msg, dict(exc.headers) if exc.headers else None)
