@@ -56,8 +56,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         spool = await Spool(spool_path(settings), max_events=settings.spool_max_events,
                             max_bytes=settings.spool_max_bytes).open()
-        spool.on_change.append(lambda: _spool_gauges(settings, spool))
-        _spool_gauges(settings, spool)
+        spool.on_change.append(_spool_gauges(settings, spool))
+        spool.on_change[-1]()
         if spool.events:
             log.info("spool_recovered", events=spool.events, path=str(spool.path))
         emitter = await Emitter(settings, spool, producer_factory=producer_factory).start()
@@ -197,9 +197,15 @@ def create_app(
     return app
 
 
-def _spool_gauges(settings: Settings, spool: Spool) -> None:
-    metrics.SPOOL_EVENTS.labels(settings.gateway_id).set(spool.events)
-    metrics.SPOOL_BYTES.labels(settings.gateway_id).set(spool.bytes)
+def _spool_gauges(settings: Settings, spool: Spool) -> Callable[[], None]:
+    """What keeps the spool gauges current (called on every change of the spool)."""
+    events, size = metrics.SPOOL_EVENTS.labels(settings.gateway_id), metrics.SPOOL_BYTES.labels(settings.gateway_id)
+
+    def update() -> None:
+        events.set(spool.events)
+        size.set(spool.bytes)
+
+    return update
 
 
 # Errors: every failure leaves in the documented shape.
@@ -294,7 +300,7 @@ class FrontDoor:
         finally:
             model = (scope.get("state") or {}).get("model", "")
             label = endpoint or _route_label(scope)
-            metrics.REQUESTS.labels(label, model, str(status)).inc()
+            metrics.requests_of(label, model, str(status)).inc()
 
     @staticmethod
     async def _inference(scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:

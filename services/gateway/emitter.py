@@ -100,7 +100,7 @@ class Emitter:
         return added
 
     def _spooled(self, event: UsageEvent) -> None:
-        metrics.EVENTS_SPOOLED.labels(event.data.status, str(event.data.usage_estimated).lower()).inc()
+        metrics.events_spooled_of(event.data.status, event.data.usage_estimated).inc()
         self._wake.set()
 
     # The sender

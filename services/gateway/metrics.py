@@ -7,6 +7,8 @@ so callers cannot grow the label set with made-up names.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
@@ -28,3 +30,23 @@ SEND_FAILURES = Counter("tollhouse_gateway_send_failures_total", "Failed attempt
 SPOOL_EVENTS = Gauge("tollhouse_gateway_spool_events", "Usage events waiting in the spool", ["gateway_id"])
 SPOOL_BYTES = Gauge("tollhouse_gateway_spool_bytes", "Bytes of usage events waiting in the spool", ["gateway_id"])
 KAFKA_CONNECTED = Gauge("tollhouse_gateway_kafka_connected", "1 while the last send to Kafka succeeded", ["gateway_id"])
+
+
+# The labelled children the call path touches, looked up once per label set (labels()
+# takes a lock and validates its arguments on every call). The sets are small: route
+# templates, models metering accepted, statuses.
+
+
+@lru_cache(maxsize=4096)
+def requests_of(endpoint: str, model: str, status: str) -> Counter:
+    return REQUESTS.labels(endpoint, model, status)
+
+
+@lru_cache(maxsize=64)
+def upstream_seconds_of(endpoint: str) -> Histogram:
+    return UPSTREAM_SECONDS.labels(endpoint)
+
+
+@lru_cache(maxsize=16)
+def events_spooled_of(status: str, estimated: bool) -> Counter:
+    return EVENTS_SPOOLED.labels(status, "true" if estimated else "false")

@@ -212,7 +212,6 @@ class Call:
     auth: Authorization
     prompt_estimate: int
     inputs: int
-    request_id: str  # the gateway's own id; upstream's response id replaces it when known
     kind: str = "request"
     started: float = 0.0
 
@@ -279,7 +278,8 @@ class Proxy:
             account_id=call.auth.account_id, key_id=call.auth.key_id, model=call.model,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens,
-            request_id=(request_id or call.request_id)[:256], endpoint=call.endpoint, source=self.source,
+            request_id=(request_id or f"{self.settings.gateway_id}-{uuid.uuid4().hex}")[:256],
+            endpoint=call.endpoint, source=self.source,
             kind=call.kind, inputs=call.inputs, status=status, usage_estimated=estimated,
             reservation_id=call.auth.reservation_id,
         )
@@ -317,8 +317,7 @@ class Proxy:
         self.admit()
         prompt_estimate, reserve = estimate_call(endpoint, body, self.settings.default_completion_allowance)
         auth = await self.authorize(request, api_key, model, reserve)
-        call = Call(endpoint, model, auth, prompt_estimate, count_inputs(endpoint, body),
-                    f"{self.settings.gateway_id}-{uuid.uuid4().hex}", started=time.perf_counter())
+        call = Call(endpoint, model, auth, prompt_estimate, count_inputs(endpoint, body), started=time.perf_counter())
         headers = _forward_headers(request, **{"content-type": "application/json"})
         if stream:
             wants_usage = bool(options) and options.get("include_usage") is True
@@ -334,7 +333,7 @@ class Proxy:
             upstream = await self.upstream.post(path, content=raw, headers=headers)
         except HTTPError as exc:
             raise await self._upstream_failed(call, exc) from None
-        metrics.UPSTREAM_SECONDS.labels(call.endpoint).observe(time.perf_counter() - call.started)
+        metrics.upstream_seconds_of(call.endpoint).observe(time.perf_counter() - call.started)
         return await self._finish_unary(call, upstream, upstream.content)
 
     async def _finish_unary(self, call: Call, upstream: UpstreamReply, content: bytes) -> Response:
@@ -368,7 +367,7 @@ class Proxy:
             upstream = await self.upstream.request("POST", path, content=raw, headers=headers, stream=True)
         except HTTPError as exc:
             raise await self._upstream_failed(call, exc) from None
-        metrics.UPSTREAM_SECONDS.labels(call.endpoint).observe(time.perf_counter() - call.started)
+        metrics.upstream_seconds_of(call.endpoint).observe(time.perf_counter() - call.started)
         if upstream.status_code >= 400 or "text/event-stream" not in upstream.headers.get("content-type", ""):
             try:
                 content = await _read_limited(upstream, MAX_ERROR_BODY_BYTES if upstream.status_code >= 400 else None)
@@ -512,8 +511,8 @@ class Proxy:
                                  "POST /v1/files (purpose 'batch') through this gateway first.")
         self.admit()
         auth = await self.authorize(request, api_key, record.model, record.reserve_estimate)
-        call = Call("/v1/batches", record.model, auth, record.prompt_estimate, max(record.lines, 1),
-                    f"{self.settings.gateway_id}-{uuid.uuid4().hex}", kind="batch", started=time.perf_counter())
+        call = Call("/v1/batches", record.model, auth, record.prompt_estimate, max(record.lines, 1), kind="batch",
+                    started=time.perf_counter())
         try:
             upstream = await self.upstream.post(
                 "batches", content=raw, headers=_forward_headers(request, **{"content-type": "application/json"}))

@@ -55,6 +55,8 @@ class SSEParser:
         """Add bytes; return the events they complete, in order."""
         if not chunk:
             return []
+        if not self._buffer and b"\r" not in chunk and b"\n\n\n" not in chunk and chunk[:1] != b"\n":
+            return self._feed_plain(chunk)
         buffer = self._buffer
         buffer += chunk
         events: list[SSEEvent] = []
@@ -87,6 +89,27 @@ class SSEParser:
         self._scanned = pos
         if len(buffer) > self.max_event_bytes:
             raise SSEError(f"an event is longer than {self.max_event_bytes} bytes")
+        return events
+
+    def _feed_plain(self, chunk: bytes) -> list[SSEEvent]:
+        """The usual case, split without a scan per line: nothing pending, LF line ends,
+        and no blank line but the one that ends each event (so the events are exactly
+        what lies between the ``\\n\\n``). Gives what the general path gives."""
+        parts = chunk.split(b"\n\n")
+        rest = parts.pop()  # after the last blank line: the start of an event not ended yet
+        events: list[SSEEvent] = []
+        for part in parts:
+            if part[:6] == b"data: " and b"\n" not in part:  # one data line: most events
+                events.append(SSEEvent(part + b"\n\n", part[6:].decode("utf-8", "replace")))
+                continue
+            for line in part.split(b"\n"):
+                self._field(line)
+            events.append(SSEEvent(part + b"\n\n", "\n".join(self._data) if self._has_data else None, self._event))
+            self._data, self._has_data, self._event = [], False, None
+        if rest:
+            self._buffer += rest
+            if len(self._buffer) > self.max_event_bytes:
+                raise SSEError(f"an event is longer than {self.max_event_bytes} bytes")
         return events
 
     def _field(self, line: bytes) -> None:

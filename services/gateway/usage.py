@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import orjson
 
 from services.gateway.sse import SSEEvent
@@ -248,6 +249,22 @@ class StreamMeter:
             self.done = True
             return True
         try:
+            typed = _decode_chunk(data)
+        except msgspec.MsgspecError:  # not JSON, or not the usual shape: the general path
+            return self._observe_any(data)
+        if self.response_id is None and typed.id:
+            self.response_id = typed.id
+        if typed.error is not None:
+            self.error = typed.error
+        for choice in typed.choices or ():
+            if choice.text is not None:
+                self.completion_bytes += len(choice.text.encode("utf-8"))
+            if choice.delta is not None:
+                self.completion_bytes += choice.delta.generated_bytes()
+        return self._took_usage(typed.usage, typed.choices)
+
+    def _observe_any(self, data: str) -> bool:
+        try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
             return True
@@ -266,12 +283,61 @@ class StreamMeter:
                 delta = choice.get("delta")
                 if isinstance(delta, dict):
                     self.completion_bytes += _delta_bytes(delta)
-        usage = usage_from(chunk.get("usage"))
+        return self._took_usage(chunk.get("usage"), choices)
+
+    def _took_usage(self, reported: Any, choices: Any) -> bool:
+        """Note the usage a chunk reports; False for the usage-only chunk the client did not ask for."""
+        usage = usage_from(reported)
         if usage is not None:
             self.usage = usage
             if not self.client_wants_usage and not choices:
                 return False
         return True
+
+
+# The fields of a stream chunk the meter reads, decoded without building the rest
+# (a chunk of another shape, e.g. array content, takes the general path).
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    function: _Function | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[_ToolCall] | None = None
+    function_call: _Function | None = None
+
+    def generated_bytes(self) -> int:
+        texts = [self.content, self.refusal, self.reasoning_content]
+        for call in self.tool_calls or ():
+            if call.function is not None:
+                texts += (call.function.name, call.function.arguments)
+        if self.function_call is not None:
+            texts += (self.function_call.name, self.function_call.arguments)
+        return sum(len(t.encode("utf-8")) for t in texts if t)
+
+
+class _Choice(msgspec.Struct):
+    text: str | None = None
+    delta: _Delta | None = None
+
+
+class _Chunk(msgspec.Struct):
+    id: str | None = None
+    choices: list[_Choice] | None = None
+    usage: dict | None = None
+    error: dict | None = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
 
 
 def summarize_batch_file(content: bytes, default_allowance: int) -> "BatchFileSummary":

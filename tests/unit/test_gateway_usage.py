@@ -137,6 +137,26 @@ def test_completions_stream_text_counts() -> None:
     assert meter.completion_bytes == 8
 
 
+def test_odd_chunks_are_metered_like_the_usual_ones() -> None:
+    usual = StreamMeter(client_wants_usage=False)
+    odd = StreamMeter(client_wants_usage=False)
+    forwarded_usual = [usual.observe(e) for e in _stream(
+        {"id": "c-1", "choices": [{"delta": {"content": "héllo", "refusal": "no", "reasoning_content": "hm",
+                                              "function_call": {"name": "f", "arguments": "{}"}}}]},
+        {"id": "c-1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})]
+    forwarded_odd = [odd.observe(e) for e in _stream(
+        {"id": "c-1", "choices": [{"delta": {"content": "héllo", "refusal": "no", "reasoning_content": "hm",
+                                              "function_call": {"name": "f", "arguments": "{}"}},
+                                    "logprobs": {"content": [1, "x"]}, "text": None}], "extra": [1, {"a": 2}]},
+        {"id": "c-1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+         "error": "not an object"},  # not the usual shape: the general path
+        {"id": 7, "choices": [{"delta": {"content": ["not", "text"]}}]})]
+    assert forwarded_usual == forwarded_odd[:2] == [True, False]
+    for meter in (usual, odd):
+        assert meter.completion_bytes == len("héllo".encode()) + len("no") + len("hm") + len("f") + len("{}")
+        assert (meter.response_id, meter.usage, meter.error) == ("c-1", Usage(3, 2), None)
+
+
 def test_batch_file_summary() -> None:
     lines = b"\n".join(orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                                      "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "abcd"}],

@@ -90,3 +90,33 @@ def test_random_chunking_of_a_long_stream() -> None:
         pos += step
     assert len(events) == 501
     assert events[123].data == '{"n": 123}'
+
+
+LF_STREAM = (
+    b'data: {"id":"c1","choices":[{"delta":{"content":"Hel"}}]}\n\n'
+    b": keep-alive\n\n"
+    b"event: note\ndata: line one\ndata: line two\n\n"
+    b"data:no space\n\n"
+    b"id: 7\n\n"
+    b'data: {"id":"c1","choices":[],"usage":{"total_tokens":3}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(LF_STREAM)), max_size=20))
+def test_lf_only_streams_split_anywhere_give_the_same_events(cuts: list[int]) -> None:
+    bounds = sorted(set([0, len(LF_STREAM), *cuts]))
+    events = feed_all(SSEParser(), [LF_STREAM[a:b] for a, b in zip(bounds, bounds[1:])])
+    assert [e.data for e in events] == [
+        '{"id":"c1","choices":[{"delta":{"content":"Hel"}}]}', None, "line one\nline two", "no space", None,
+        '{"id":"c1","choices":[],"usage":{"total_tokens":3}}', "[DONE]",
+    ]
+    assert [e.event for e in events] == [None, None, "note", None, None, None, None]
+    assert b"".join(e.raw for e in events) == LF_STREAM
+
+
+def test_extra_blank_lines_are_empty_events_in_any_split() -> None:
+    stream = b"data: a\n\n\n\ndata: b\n\n"
+    whole = SSEParser().feed(stream)
+    assert [e.data for e in whole] == ["a", None, None, "b"] and b"".join(e.raw for e in whole) == stream
+    assert feed_all(SSEParser(), [stream[:9], stream[9:]]) == whole
