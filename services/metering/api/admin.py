@@ -14,7 +14,7 @@ from services.contracts.errors import INVALID_REQUEST, TollhouseError
 from services.contracts.money import format_cny, format_fraction, format_price
 from services.metering.api.auth import ADMIN, require_admin, role_checked_route
 from services.metering.api.cursors import decode_cursor, encode_cursor, strict_int
-from services.metering.api.query import Cursor, Limit, model_name, page_limit, path_id
+from services.metering.api.query import MODEL_FORMAT, Cursor, Limit, model_name, page_limit, path_id
 from services.metering.api.schemas import (
     AccountCreate,
     AccountOut,
@@ -255,7 +255,7 @@ async def put_price(
     body: PriceCreate,
     request: Request,
     store: Store,
-    model: str = Path(description="Exact, case-sensitive model id; may contain '/'"),
+    model: str = Path(description="Exact, case-sensitive model id; may contain '/'", json_schema_extra=MODEL_FORMAT),
 ) -> PriceOut:
     """Add a price version for ``model``. Rows are never edited: each PUT adds a version."""
     model = model_name(model, "path.model")
@@ -277,7 +277,9 @@ async def put_price(
 async def list_prices(
     request: Request,
     store: Store,
-    model: Annotated[str | None, Query(description="Only this model's versions")] = None,
+    model: Annotated[
+        str | None, Query(description="Only this model's versions", json_schema_extra=MODEL_FORMAT)
+    ] = None,
     cursor: Cursor = None,
     limit: Limit = None,
 ) -> PriceList:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -19,6 +19,11 @@ from services.contracts.money import format_cny, format_fen
 from services.metering.api.auth import ADMIN, BILLING, require_billing_read, role_checked_route
 from services.metering.api.cursors import decode_cursor, encode_cursor, strict_int
 from services.metering.api.query import (
+    DAY_FORMAT,
+    ID_FORMAT,
+    INSTANT_FORMAT,
+    MODEL_FORMAT,
+    MONTH_FORMAT,
     Cursor,
     Limit,
     bad,
@@ -354,13 +359,24 @@ def _parse_usage_cursor(group_by: list[str]) -> Any:
 async def usage(
     request: Request,
     store: Store,
-    account_id: Annotated[str | None, Query(description="The account (this or key_id is required)")] = None,
-    key_id: Annotated[str | None, Query(description="Only this key (this or account_id is required)")] = None,
-    model: Annotated[str | None, Query(description="Only this model (exact, case-sensitive)")] = None,
-    from_: Annotated[
-        str | None, Query(alias="from", description="First local day, inclusive (YYYY-MM-DD, the account's zone)")
+    account_id: Annotated[
+        str | None, Query(description="The account (this or key_id is required)", json_schema_extra=ID_FORMAT)
     ] = None,
-    to: Annotated[str | None, Query(description="Local day the range ends before: EXCLUSIVE (YYYY-MM-DD)")] = None,
+    key_id: Annotated[
+        str | None, Query(description="Only this key (this or account_id is required)", json_schema_extra=ID_FORMAT)
+    ] = None,
+    model: Annotated[
+        str | None, Query(description="Only this model (exact, case-sensitive)", json_schema_extra=MODEL_FORMAT)
+    ] = None,
+    from_: Annotated[
+        str | None,
+        Query(alias="from", description="First local day, inclusive (YYYY-MM-DD, the account's zone)",
+              json_schema_extra=DAY_FORMAT),
+    ] = None,
+    to: Annotated[
+        str | None,
+        Query(description="Local day the range ends before: EXCLUSIVE (YYYY-MM-DD)", json_schema_extra=DAY_FORMAT),
+    ] = None,
     group_by: Annotated[
         str | None, Query(description="day (default), month, model, key, or a comma list such as 'day,model'")
     ] = None,
@@ -417,11 +433,20 @@ def _parse_breach_cursor(values: list[Any]) -> BreachKey:
 async def list_breaches(
     request: Request,
     store: Store,
-    account_id: Annotated[str | None, Query(description="Only this account")] = None,
-    key_id: Annotated[str | None, Query(description="Only this key")] = None,
-    type: Annotated[str | None, Query(description=f"Only this type: {', '.join(BREACH_TYPES)}")] = None,
-    from_: Annotated[str | None, Query(alias="from", description="occurred_at ≥ this RFC 3339 instant")] = None,
-    to: Annotated[str | None, Query(description="occurred_at < this RFC 3339 instant (exclusive)")] = None,
+    account_id: Annotated[str | None, Query(description="Only this account", json_schema_extra=ID_FORMAT)] = None,
+    key_id: Annotated[str | None, Query(description="Only this key", json_schema_extra=ID_FORMAT)] = None,
+    type: Annotated[
+        str | None,
+        Query(description=f"Only this type: {', '.join(BREACH_TYPES)}", json_schema_extra={"enum": list(BREACH_TYPES)}),
+    ] = None,
+    from_: Annotated[
+        str | None,
+        Query(alias="from", description="occurred_at ≥ this RFC 3339 instant", json_schema_extra=INSTANT_FORMAT),
+    ] = None,
+    to: Annotated[
+        str | None,
+        Query(description="occurred_at < this RFC 3339 instant (exclusive)", json_schema_extra=INSTANT_FORMAT),
+    ] = None,
     cursor: Cursor = None,
     limit: Limit = None,
 ) -> BreachList:
@@ -458,9 +483,15 @@ def _parse_ledger_cursor(values: list[Any]) -> int:
 async def list_ledger(
     request: Request,
     store: Store,
-    account_id: Annotated[str | None, Query(description="The account (required)")] = None,
-    from_: Annotated[str | None, Query(alias="from", description="event_time ≥ this RFC 3339 instant")] = None,
-    to: Annotated[str | None, Query(description="event_time < this RFC 3339 instant (exclusive)")] = None,
+    account_id: Annotated[str | None, Query(description="The account (required)", json_schema_extra=ID_FORMAT)] = None,
+    from_: Annotated[
+        str | None,
+        Query(alias="from", description="event_time ≥ this RFC 3339 instant", json_schema_extra=INSTANT_FORMAT),
+    ] = None,
+    to: Annotated[
+        str | None,
+        Query(description="event_time < this RFC 3339 instant (exclusive)", json_schema_extra=INSTANT_FORMAT),
+    ] = None,
     cursor: Cursor = None,
     limit: Limit = None,
 ) -> LedgerList:
@@ -484,7 +515,11 @@ async def list_ledger(
 
 
 @router.get("/v1/statements/{account_id}/{month}", response_model=StatementOut)
-async def statement(account_id: str, month: str, store: Store) -> StatementOut:
+async def statement(
+    account_id: str,
+    month: Annotated[str, Path(description="A local month, YYYY-MM", json_schema_extra=MONTH_FORMAT)],
+    store: Store,
+) -> StatementOut:
     """The account's statement for a local month (``YYYY-MM``, in the account's zone).
 
     ``closing_balance = opening_balance + topups - charges + adjustments`` holds exactly in

@@ -31,7 +31,16 @@ from services.metering.api.auth import (
     settings_of,
 )
 from services.metering.api.cursors import decode_cursor, encode_cursor, strict_int
-from services.metering.api.query import Cursor, Limit, check_window, only_params, page_limit, path_id, query_instant
+from services.metering.api.query import (
+    INSTANT_FORMAT,
+    Cursor,
+    Limit,
+    check_window,
+    only_params,
+    page_limit,
+    path_id,
+    query_instant,
+)
 from services.metering.api.schemas import ErrorBody, parse_rfc3339
 from services.metering.api.stores import app_now, app_store
 from services.metering.store.dead_letters import DeadLetterKey, DeadLetterRecord, DeadLetterStore, ReplayRecord
@@ -146,9 +155,16 @@ def dead_letter_out(record: DeadLetterRecord) -> DeadLetterOut:
 )
 async def list_dead_letters(
     request: Request,
-    reason: Annotated[str | None, Query(description="Only this reason, e.g. unknown_key")] = None,
-    start: Annotated[str | None, Query(alias="from", description="received_at ≥ this (RFC 3339)")] = None,
-    end: Annotated[str | None, Query(alias="to", description="received_at < this (RFC 3339)")] = None,
+    reason: Annotated[
+        str | None,
+        Query(description="Only this reason, e.g. unknown_key", json_schema_extra={"enum": sorted(REASONS)}),
+    ] = None,
+    start: Annotated[
+        str | None, Query(alias="from", description="received_at ≥ this (RFC 3339)", json_schema_extra=INSTANT_FORMAT)
+    ] = None,
+    end: Annotated[
+        str | None, Query(alias="to", description="received_at < this (RFC 3339)", json_schema_extra=INSTANT_FORMAT)
+    ] = None,
     cursor: Cursor = None,
     limit: Limit = None,
 ) -> DeadLetterList:

@@ -25,6 +25,13 @@ _MONTH = re.compile(r"^([0-9]{4})-([0-9]{2})$")
 
 T = TypeVar("T")
 
+# What parameters accept, for the OpenAPI schema; the parsers below are what checks them.
+ID_FORMAT = {"pattern": OBJECT_ID.pattern}
+MODEL_FORMAT = {"pattern": r"^[A-Za-z0-9._:/-]{1,256}$"}
+INSTANT_FORMAT = {"format": "date-time"}
+DAY_FORMAT = {"format": "date"}
+MONTH_FORMAT = {"pattern": r"^[0-9]{4}-(0[1-9]|1[0-2])$"}
+
 Cursor = Annotated[str | None, Query(description="next_cursor of the previous page, unchanged")]
 Limit = Annotated[
     int | None,

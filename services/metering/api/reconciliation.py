@@ -29,7 +29,7 @@ from services.contracts.errors import INVALID_REQUEST, PAYLOAD_TOO_LARGE, Canoni
 from services.contracts.events import MAX_TOKENS_PER_EVENT
 from services.contracts.money import format_cny
 from services.metering.api.auth import ADMIN, BILLING, require_billing_read, role_checked_route, settings_of
-from services.metering.api.query import only_params, page_limit, required_window
+from services.metering.api.query import INSTANT_FORMAT, only_params, page_limit, required_window
 from services.metering.api.schemas import ErrorBody
 from services.metering.api.stores import app_store
 from services.metering.store.reconciliation import (
@@ -55,6 +55,13 @@ DEFAULT_ITEM_LIMIT = 100
 _DIGITS = re.compile(r"^[0-9]{1,13}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BOM = b"\xef\xbb\xbf"
+
+WindowStart = Annotated[
+    str, Query(alias="from", description="RFC 3339 with an offset; inclusive", json_schema_extra=INSTANT_FORMAT)
+]
+WindowEnd = Annotated[
+    str, Query(alias="to", description="RFC 3339 with an offset; exclusive", json_schema_extra=INSTANT_FORMAT)
+]
 
 router = APIRouter(
     tags=["billing"],
@@ -130,8 +137,8 @@ def _figures(totals: SourceTotals) -> dict[str, Any]:
 )
 async def reconciliation(
     request: Request,
-    start: Annotated[str, Query(alias="from", description="RFC 3339 with an offset; inclusive")],
-    end: Annotated[str, Query(alias="to", description="RFC 3339 with an offset; exclusive")],
+    start: WindowStart,
+    end: WindowEnd,
 ) -> ReconciliationOut:
     """Consumer counters and ledger totals for [from, to), overall and per source."""
     max_days = settings_of(request).reconciliation_max_window_days
@@ -291,8 +298,8 @@ _DIFF_BODY_DOC = {
 )
 async def reconciliation_diff(
     request: Request,
-    start: Annotated[str, Query(alias="from", description="RFC 3339 with an offset; inclusive")],
-    end: Annotated[str, Query(alias="to", description="RFC 3339 with an offset; exclusive")],
+    start: WindowStart,
+    end: WindowEnd,
     limit: Annotated[int | None, Query(description=f"Items listed per kind (default {DEFAULT_ITEM_LIMIT})")] = None,
 ) -> DiffOut:
     """Compare an upstream's per-request usage with the ledger's usage entries of [from, to)."""

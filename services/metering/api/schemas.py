@@ -205,15 +205,17 @@ Timestamp = Annotated[
 ]
 Name = Annotated[
     str, BeforeValidator(lambda v: check_text(v, MAX_NAME_CHARS)),
-    _string_schema("A name for people", "prod-chat", maxLength=MAX_NAME_CHARS),
+    _string_schema("A name for people", "prod-chat", minLength=1, maxLength=MAX_NAME_CHARS),
 ]
 Reference = Annotated[
     str, BeforeValidator(lambda v: check_text(v, MAX_REFERENCE_CHARS)),
     _string_schema("Your unique reference for this top-up (the idempotency key)", "invoice-2026-0042",
-                   maxLength=MAX_REFERENCE_CHARS),
+                   minLength=1, maxLength=MAX_REFERENCE_CHARS),
 ]
 TimeZoneName = Annotated[str, BeforeValidator(_timezone), _string_schema("IANA time zone", DEFAULT_TIMEZONE)]
-ObjectId = Annotated[str, BeforeValidator(check_object_id), _string_schema("An object id", "pkg_01JD8ZK3")]
+ObjectId = Annotated[
+    str, BeforeValidator(check_object_id), _string_schema("An object id", "pkg_01JD8ZK3", pattern=OBJECT_ID.pattern)
+]
 Tokens = Annotated[int, Strict(), Field(gt=0, le=MAX_PACKAGE_TOKENS)]
 
 
