@@ -39,10 +39,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
 from services.contracts.events import build_usage_event, encode_event, format_time  # noqa: E402
 from services.local_services import LocalBroker, start_embedded_postgres  # noqa: E402
+from services.logging import configure_logging  # noqa: E402
 from services.metering.consumer.topics import ensure_topics  # noqa: E402
 from services.metering.consumer.worker import UsageConsumer  # noqa: E402
 from services.metering.store.migrate import upgrade_to_head  # noqa: E402
-from services.runtime import ensure_database  # noqa: E402
+from services.runtime import ensure_database, settle_heap  # noqa: E402
 from services.settings import load_settings  # noqa: E402
 
 NANO = 10**9
@@ -140,6 +141,7 @@ async def raw_consume_rate(bootstrap: str, topic: str, expected: int) -> float:
 
 
 async def pipeline_rate(settings, url: str, expected: int) -> tuple[float, UsageConsumer]:
+    settle_heap()  # as `tollhouse metering` does once started
     consumer = UsageConsumer(settings, url)
     stop = asyncio.Event()
     first: list[float] = []
@@ -210,6 +212,7 @@ def _steady_producer(bootstrap: str, topic: str, keys: list, rate: int, seconds:
 
 
 async def latency_at_rate(settings, url: str, keys: list, rate: int, seconds: float) -> dict:
+    settle_heap()
     consumer = UsageConsumer(settings, url)
     latencies: list[float] = []
 
@@ -246,6 +249,7 @@ async def main() -> None:
     parser.add_argument("--batch", type=int, default=5_000)
     parser.add_argument("--latency-only", action="store_true", help="skip the throughput and baseline phases")
     args = parser.parse_args()
+    configure_logging("console", "warning")
 
     broker = None
     bootstrap = os.environ.get("TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS")

@@ -16,6 +16,7 @@ from services.metering.consumer.relay import OutboxRelay
 from services.metering.consumer.topics import ensure_topics
 from services.metering.consumer.worker import UsageConsumer
 from services.metering.readiness import BrokerProbe, Readiness
+from services.runtime import settle_heap
 from services.settings import Settings
 
 log = structlog.get_logger("tollhouse.metering")
@@ -94,6 +95,7 @@ async def run_metering(
         )
         server.install_signal_handlers = lambda: None  # signals are ours
         tasks.append(asyncio.create_task(server.serve(), name="api"))
+    settle_heap()
     log.info("metering_started", api=f"http://{host}:{port}" if serve_api else None)
     done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
     for task in done:

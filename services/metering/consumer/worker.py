@@ -6,12 +6,18 @@ stored offsets; a batch that fails (or is fenced because a rebalance gave its pa
 to someone else) rolls back and the consumer seeks back to what the database says.
 Offsets are also committed to Kafka after the database commit, only so lag dashboards
 work; Kafka's copy is never read back.
+
+The next batch is fetched and decoded while the current one's SQL runs (decoding is pure
+CPU and needs no database). Each seek of a partition bumps that partition's seek count;
+the messages of a partition read ahead under an older count are dropped (the seek has
+already pointed the fetcher back at them), so nothing is skipped or booked twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
@@ -21,7 +27,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from services.contracts.ids import new_id
 from services.metering import metrics
-from services.metering.consumer.batch import BatchConfig, BatchOutcome, Record, process_batch
+from services.metering.consumer.batch import BatchConfig, BatchOutcome, Record, judge_contract, process_batch
 from services.metering.consumer.membership import GroupMembership
 from services.metering.store.ingest import Fenced, PriceCache, connect, stored_offset
 from services.settings import Settings
@@ -31,6 +37,7 @@ log = structlog.get_logger("tollhouse.consumer")
 RETRY_MIN_SECONDS = 0.2
 RETRY_MAX_SECONDS = 10.0
 LAG_REPORT_SECONDS = 1.0
+DECODE_SLICE = 500
 
 
 class _OffsetListener(ConsumerRebalanceListener):
@@ -78,6 +85,9 @@ class UsageConsumer:
         self.batch_idle.set()
         self.assigned = asyncio.Event()
         self.membership = GroupMembership(settings.consumer_group)
+        # partition → how often it was sought: messages read ahead before a seek of their
+        # partition may not follow on from the new position; the seek brings them again.
+        self._seeks: dict[int, int] = {}
         self._lag_reported_at = 0.0
         self.totals = BatchOutcome()
         self.on_commit: list = []  # callbacks(outcome) after each committed batch
@@ -97,7 +107,7 @@ class UsageConsumer:
         conn = await self._connection()
         for tp in partitions:
             offset = await stored_offset(conn, self.config.group, tp.topic, tp.partition, beginnings[tp])
-            self._consumer.seek(tp, offset)
+            self._seek(tp, offset)
             self.positions[tp.partition] = offset
         self.assigned.set()
 
@@ -119,22 +129,26 @@ class UsageConsumer:
         await consumer.start()
         log.info("consumer_started", topic=self.config.topic, group=self.config.group)
         delay = RETRY_MIN_SECONDS
+        # One batch is fetched and decoded ahead while the current one's SQL runs.
+        ahead: asyncio.Queue = asyncio.Queue(maxsize=1)
+        fetcher = asyncio.create_task(self._fetch_ahead(consumer, ahead, stop), name="consumer-fetch")
         try:
             while not stop.is_set():
-                batch = await consumer.getmany(
-                    timeout_ms=self.settings.consumer_poll_ms, max_records=self.settings.consumer_batch_max
-                )
-                if time.monotonic() - self._lag_reported_at >= LAG_REPORT_SECONDS:
-                    self._report_lag()
-                if not batch:
+                try:
+                    fetched = await asyncio.wait_for(ahead.get(), timeout=self.settings.consumer_poll_ms / 1000)
+                except asyncio.TimeoutError:
                     continue
+                if isinstance(fetched, BaseException):
+                    raise fetched
                 # Every log line about this batch carries its id and the offsets it covers.
-                with structlog.contextvars.bound_contextvars(batch_id=new_id("bat"), offsets=_offset_ranges(batch)):
+                with structlog.contextvars.bound_contextvars(
+                    batch_id=new_id("bat"), offsets=_offset_ranges(fetched.batch)
+                ):
                     try:
-                        await self._book(batch)
+                        await self._book(fetched)
                         delay = RETRY_MIN_SECONDS
                     except Exception as exc:  # roll back to what the database holds and retry
-                        await self._rewind(batch)
+                        await self._rewind(fetched.batch)
                         if isinstance(exc, Fenced):
                             metrics.BATCHES_FENCED.inc()
                             log.warning("batch_fenced", partition=exc.partition, expected=exc.expected)
@@ -143,27 +157,59 @@ class UsageConsumer:
                             await _sleep_unless(stop, delay)
                             delay = min(delay * 2, RETRY_MAX_SECONDS)
         finally:
+            fetcher.cancel()
+            await asyncio.gather(fetcher, return_exceptions=True)
             self.membership.left()
             await consumer.stop()
             if self._conn is not None and not self._conn.is_closed():
                 await self._conn.close()
             log.info("consumer_stopped")
 
-    async def _book(self, batch: dict[TopicPartition, list]) -> None:
+    async def _fetch_ahead(self, consumer: AIOKafkaConsumer, ahead: asyncio.Queue, stop: asyncio.Event) -> None:
+        """Fetch batches and judge them against the contract (pure CPU) while the batch
+        before is being booked; hand them over with their partitions' seek counts."""
+        try:
+            while not stop.is_set():
+                batch = await consumer.getmany(
+                    timeout_ms=self.settings.consumer_poll_ms, max_records=self.settings.consumer_batch_max
+                )
+                seeks = {tp.partition: self._seeks.get(tp.partition, 0) for tp in batch}
+                if time.monotonic() - self._lag_reported_at >= LAG_REPORT_SECONDS:
+                    self._report_lag()
+                if not batch:
+                    continue
+                now = datetime.now(timezone.utc)
+                records: dict[int, list[Record]] = {}
+                for tp, messages in batch.items():
+                    judged = records[tp.partition] = []
+                    for start in range(0, len(messages), DECODE_SLICE):
+                        chunk = [Record(tp.partition, m.offset, m.key, m.value)
+                                 for m in messages[start:start + DECODE_SLICE]]
+                        judge_contract(chunk, self.config, now)
+                        judged += chunk
+                        await asyncio.sleep(0)  # let the booking task move its SQL along
+                await ahead.put(_Fetched(seeks, batch, records))
+        except Exception as exc:  # the booking loop re-raises it
+            await ahead.put(exc)
+
+    async def _book(self, fetched: "_Fetched") -> None:
         records: list[Record] = []
         moves: dict[int, tuple[int, int]] = {}
         produced_at: list[int] = []  # Kafka timestamp (ms) of each partition's oldest message
-        for tp, messages in batch.items():
+        for tp, messages in fetched.batch.items():
             if tp.partition not in self.positions or not messages:
                 continue  # revoked while fetched
+            if fetched.seeks[tp.partition] != self._seeks.get(tp.partition, 0):
+                continue  # sought since: the fetcher reads these again from the new position
             expected = self.positions[tp.partition]
-            fresh = [m for m in messages if m.offset >= expected]
+            fresh = [r for r in fetched.records[tp.partition] if r.offset >= expected]
             if not fresh:
                 continue
-            records.extend(Record(tp.partition, m.offset, m.key, m.value) for m in fresh)
+            records += fresh
             moves[tp.partition] = (expected, fresh[-1].offset + 1)
-            if fresh[0].timestamp is not None and fresh[0].timestamp > 0:
-                produced_at.append(fresh[0].timestamp)
+            first = messages[len(messages) - len(fresh)]
+            if first.timestamp is not None and first.timestamp > 0:
+                produced_at.append(first.timestamp)
         if not moves:
             return
         self.batch_idle.clear()
@@ -196,6 +242,11 @@ class UsageConsumer:
             if highwater is not None:
                 metrics.CONSUMER_LAG.labels(str(partition)).set(max(highwater - position, 0))
 
+    def _seek(self, tp: TopicPartition, offset: int) -> None:
+        assert self._consumer is not None
+        self._consumer.seek(tp, offset)
+        self._seeks[tp.partition] = self._seeks.get(tp.partition, 0) + 1
+
     async def _rewind(self, batch: dict[TopicPartition, list]) -> None:
         """After a rollback, read again from the offsets the database holds."""
         assert self._consumer is not None
@@ -205,14 +256,14 @@ class UsageConsumer:
                 if tp in self._consumer.assignment():
                     offset = await stored_offset(conn, self.config.group, tp.topic, tp.partition, 0)
                     self.positions[tp.partition] = offset
-                    self._consumer.seek(tp, offset)
+                    self._seek(tp, offset)
         except Exception as exc:
             if self._conn is not None:
                 self._conn.terminate()
                 self._conn = None
             for tp in batch:
                 if tp.partition in self.positions and tp in self._consumer.assignment():
-                    self._consumer.seek(tp, self.positions[tp.partition])
+                    self._seek(tp, self.positions[tp.partition])
             log.error("rewind_failed", error=repr(exc))
 
     async def _commit_to_kafka(self, moves: dict[int, tuple[int, int]]) -> None:
@@ -250,6 +301,13 @@ class UsageConsumer:
             "batch_committed", received=outcome.received, accepted=outcome.accepted,
             duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered, seconds=round(seconds, 4),
         )
+
+
+@dataclass(slots=True)
+class _Fetched:
+    seeks: dict[int, int]  # partition → its seek count when the messages were fetched
+    batch: dict[TopicPartition, list]  # the messages as fetched
+    records: dict[int, list[Record]]  # partition → the same messages, judged
 
 
 def _offset_ranges(batch: dict[TopicPartition, list]) -> dict[str, list[int]]:
