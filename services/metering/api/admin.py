@@ -8,13 +8,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Request, Response, status
 
 from services.contracts.errors import INVALID_REQUEST, TollhouseError
 from services.contracts.money import format_cny, format_fraction, format_price
 from services.metering.api.auth import ADMIN, require_admin, role_checked_route
 from services.metering.api.cursors import decode_cursor, encode_cursor, strict_int
-from services.metering.api.query import MODEL_FORMAT, Cursor, Limit, model_name, page_limit, path_id
+from services.metering.api.query import MODEL_FORMAT, Cursor, Limit, model_name, model_query, page_limit, path_id
 from services.metering.api.schemas import (
     AccountCreate,
     AccountOut,
@@ -277,9 +277,7 @@ async def put_price(
 async def list_prices(
     request: Request,
     store: Store,
-    model: Annotated[
-        str | None, Query(description="Only this model's versions", json_schema_extra=MODEL_FORMAT)
-    ] = None,
+    model: Annotated[str | None, model_query("Only this model's versions")] = None,
     cursor: Cursor = None,
     limit: Limit = None,
 ) -> PriceList:

@@ -19,15 +19,15 @@ from services.contracts.money import format_cny, format_fen
 from services.metering.api.auth import ADMIN, BILLING, require_billing_read, role_checked_route
 from services.metering.api.cursors import decode_cursor, encode_cursor, strict_int
 from services.metering.api.query import (
-    DAY_FORMAT,
-    ID_FORMAT,
-    INSTANT_FORMAT,
-    MODEL_FORMAT,
     MONTH_FORMAT,
     Cursor,
     Limit,
     bad,
     check_range,
+    day_query,
+    id_query,
+    instant_query,
+    model_query,
     only_params,
     page_limit,
     path_id,
@@ -359,24 +359,13 @@ def _parse_usage_cursor(group_by: list[str]) -> Any:
 async def usage(
     request: Request,
     store: Store,
-    account_id: Annotated[
-        str | None, Query(description="The account (this or key_id is required)", json_schema_extra=ID_FORMAT)
-    ] = None,
-    key_id: Annotated[
-        str | None, Query(description="Only this key (this or account_id is required)", json_schema_extra=ID_FORMAT)
-    ] = None,
-    model: Annotated[
-        str | None, Query(description="Only this model (exact, case-sensitive)", json_schema_extra=MODEL_FORMAT)
-    ] = None,
+    account_id: Annotated[str | None, id_query("The account (this or key_id is required)")] = None,
+    key_id: Annotated[str | None, id_query("Only this key (this or account_id is required)")] = None,
+    model: Annotated[str | None, model_query("Only this model (exact, case-sensitive)")] = None,
     from_: Annotated[
-        str | None,
-        Query(alias="from", description="First local day, inclusive (YYYY-MM-DD, the account's zone)",
-              json_schema_extra=DAY_FORMAT),
+        str | None, day_query("First local day, inclusive (YYYY-MM-DD, the account's zone)", alias="from")
     ] = None,
-    to: Annotated[
-        str | None,
-        Query(description="Local day the range ends before: EXCLUSIVE (YYYY-MM-DD)", json_schema_extra=DAY_FORMAT),
-    ] = None,
+    to: Annotated[str | None, day_query("Local day the range ends before: EXCLUSIVE (YYYY-MM-DD)")] = None,
     group_by: Annotated[
         str | None, Query(description="day (default), month, model, key, or a comma list such as 'day,model'")
     ] = None,
@@ -433,20 +422,14 @@ def _parse_breach_cursor(values: list[Any]) -> BreachKey:
 async def list_breaches(
     request: Request,
     store: Store,
-    account_id: Annotated[str | None, Query(description="Only this account", json_schema_extra=ID_FORMAT)] = None,
-    key_id: Annotated[str | None, Query(description="Only this key", json_schema_extra=ID_FORMAT)] = None,
+    account_id: Annotated[str | None, id_query("Only this account")] = None,
+    key_id: Annotated[str | None, id_query("Only this key")] = None,
     type: Annotated[
         str | None,
         Query(description=f"Only this type: {', '.join(BREACH_TYPES)}", json_schema_extra={"enum": list(BREACH_TYPES)}),
     ] = None,
-    from_: Annotated[
-        str | None,
-        Query(alias="from", description="occurred_at ≥ this RFC 3339 instant", json_schema_extra=INSTANT_FORMAT),
-    ] = None,
-    to: Annotated[
-        str | None,
-        Query(description="occurred_at < this RFC 3339 instant (exclusive)", json_schema_extra=INSTANT_FORMAT),
-    ] = None,
+    from_: Annotated[str | None, instant_query("occurred_at ≥ this RFC 3339 instant", alias="from")] = None,
+    to: Annotated[str | None, instant_query("occurred_at < this RFC 3339 instant (exclusive)")] = None,
     cursor: Cursor = None,
     limit: Limit = None,
 ) -> BreachList:
@@ -483,15 +466,9 @@ def _parse_ledger_cursor(values: list[Any]) -> int:
 async def list_ledger(
     request: Request,
     store: Store,
-    account_id: Annotated[str | None, Query(description="The account (required)", json_schema_extra=ID_FORMAT)] = None,
-    from_: Annotated[
-        str | None,
-        Query(alias="from", description="event_time ≥ this RFC 3339 instant", json_schema_extra=INSTANT_FORMAT),
-    ] = None,
-    to: Annotated[
-        str | None,
-        Query(description="event_time < this RFC 3339 instant (exclusive)", json_schema_extra=INSTANT_FORMAT),
-    ] = None,
+    account_id: Annotated[str | None, id_query("The account (required)")] = None,
+    from_: Annotated[str | None, instant_query("event_time ≥ this RFC 3339 instant", alias="from")] = None,
+    to: Annotated[str | None, instant_query("event_time < this RFC 3339 instant (exclusive)")] = None,
     cursor: Cursor = None,
     limit: Limit = None,
 ) -> LedgerList:

@@ -32,10 +32,10 @@ from services.metering.api.auth import (
 )
 from services.metering.api.cursors import decode_cursor, encode_cursor, strict_int
 from services.metering.api.query import (
-    INSTANT_FORMAT,
     Cursor,
     Limit,
     check_window,
+    instant_query,
     only_params,
     page_limit,
     path_id,
@@ -159,12 +159,8 @@ async def list_dead_letters(
         str | None,
         Query(description="Only this reason, e.g. unknown_key", json_schema_extra={"enum": sorted(REASONS)}),
     ] = None,
-    start: Annotated[
-        str | None, Query(alias="from", description="received_at ≥ this (RFC 3339)", json_schema_extra=INSTANT_FORMAT)
-    ] = None,
-    end: Annotated[
-        str | None, Query(alias="to", description="received_at < this (RFC 3339)", json_schema_extra=INSTANT_FORMAT)
-    ] = None,
+    start: Annotated[str | None, instant_query("received_at ≥ this (RFC 3339)", alias="from")] = None,
+    end: Annotated[str | None, instant_query("received_at < this (RFC 3339)", alias="to")] = None,
     cursor: Cursor = None,
     limit: Limit = None,
 ) -> DeadLetterList:

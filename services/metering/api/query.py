@@ -32,6 +32,23 @@ INSTANT_FORMAT = {"format": "date-time"}
 DAY_FORMAT = {"format": "date"}
 MONTH_FORMAT = {"pattern": r"^[0-9]{4}-(0[1-9]|1[0-2])$"}
 
+
+def id_query(description: str) -> Any:
+    return Query(description=description, json_schema_extra=ID_FORMAT)
+
+
+def model_query(description: str) -> Any:
+    return Query(description=description, json_schema_extra=MODEL_FORMAT)
+
+
+def instant_query(description: str, alias: str | None = None) -> Any:
+    return Query(alias=alias, description=description, json_schema_extra=INSTANT_FORMAT)
+
+
+def day_query(description: str, alias: str | None = None) -> Any:
+    return Query(alias=alias, description=description, json_schema_extra=DAY_FORMAT)
+
+
 Cursor = Annotated[str | None, Query(description="next_cursor of the previous page, unchanged")]
 Limit = Annotated[
     int | None,

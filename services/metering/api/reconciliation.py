@@ -29,7 +29,7 @@ from services.contracts.errors import INVALID_REQUEST, PAYLOAD_TOO_LARGE, Canoni
 from services.contracts.events import MAX_TOKENS_PER_EVENT
 from services.contracts.money import format_cny
 from services.metering.api.auth import ADMIN, BILLING, require_billing_read, role_checked_route, settings_of
-from services.metering.api.query import INSTANT_FORMAT, only_params, page_limit, required_window
+from services.metering.api.query import instant_query, only_params, page_limit, required_window
 from services.metering.api.schemas import ErrorBody
 from services.metering.api.stores import app_store
 from services.metering.store.reconciliation import (
@@ -56,12 +56,8 @@ _DIGITS = re.compile(r"^[0-9]{1,13}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BOM = b"\xef\xbb\xbf"
 
-WindowStart = Annotated[
-    str, Query(alias="from", description="RFC 3339 with an offset; inclusive", json_schema_extra=INSTANT_FORMAT)
-]
-WindowEnd = Annotated[
-    str, Query(alias="to", description="RFC 3339 with an offset; exclusive", json_schema_extra=INSTANT_FORMAT)
-]
+WindowStart = Annotated[str, instant_query("RFC 3339 with an offset; inclusive", alias="from")]
+WindowEnd = Annotated[str, instant_query("RFC 3339 with an offset; exclusive", alias="to")]
 
 router = APIRouter(
     tags=["billing"],
