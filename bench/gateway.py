@@ -12,7 +12,10 @@ process. In one run, with the same requests:
     (p50, p99) both ways, and the difference;
   * the most calls/s each way with a fixed number of connections kept busy (closed loop):
     the throughput ratio gateway / direct;
-  * the gateway's CPU time per call, and whether every gateway call produced its usage event.
+  * the gateway's CPU time per call, and whether every gateway call produced its usage event;
+  * the two waits inside every gateway call, measured alone in the same run: metering's
+    POST /v1/authorize at the same rate, and one spool commit (SQLite, synchronous=FULL) on
+    the gateway's disk.
 
 Direct and gateway phases alternate (A B B A …) so drift of the shared machine falls on both.
 
@@ -32,6 +35,7 @@ import multiprocessing
 import os
 import re
 import secrets
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -93,6 +97,7 @@ class Phase:
     seconds: float
     rate: int = 0  # requests/s, open loop; 0: closed loop, every connection busy
     connections: int = 64
+    authorize: bool = False  # POST /v1/authorize to metering instead of a chat completion
 
 
 @dataclass
@@ -105,9 +110,14 @@ class Outcome:
     first_bytes: list[float] = field(default_factory=list)  # seconds, to the first body byte (streams)
 
 
-def _request_bytes(key: str, stream: bool) -> bytes:
-    body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": 16, "stream": stream}).encode()
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer " + key.encode()
+def _request_bytes(key: str, phase: Phase) -> bytes:
+    if phase.authorize:  # what the gateway sends metering for this call
+        path, token = b"/v1/authorize", GATEWAY_TOKEN
+        body = json.dumps({"api_key": key, "model": MODEL, "estimated_tokens": 1_040}).encode()
+    else:
+        path, token = b"/v1/chat/completions", key
+        body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": 16, "stream": phase.stream}).encode()
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer " + token.encode()
             + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
@@ -141,7 +151,7 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 
 async def _run_phase(phase: Phase, keys: list[str]) -> Outcome:
     outcome = Outcome(phase.name)
-    requests = [_request_bytes(k, phase.stream) for k in keys]
+    requests = [_request_bytes(k, phase) for k in keys]
     queue: asyncio.Queue[int] = asyncio.Queue()
     start = time.perf_counter() + 0.2
     stop_at = start + phase.seconds
@@ -217,9 +227,30 @@ def _start(args: list[str], env: dict, port: int, name: str, log: Path) -> subpr
     deadline = time.monotonic() + 60
     while not port_in_use(port):
         if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
             raise SystemExit(f"{name} did not start; see {log}")
         time.sleep(0.1)
     return proc
+
+
+def _commit_latency(path: Path, commits: int = 300) -> dict:
+    """p50/p99 of one small SQLite commit with the spool's settings (WAL, synchronous=FULL)
+    on the gateway's disk: the fsync every non-streamed call waits for."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, key BLOB, value BLOB)")
+    samples = []
+    for _ in range(commits):
+        started = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO events (key, value) VALUES (?, ?)", (b"acc_00000", b"x" * 700))
+        conn.execute("COMMIT")
+        samples.append(time.perf_counter() - started)
+        time.sleep(0.002)
+    conn.close()
+    q = statistics.quantiles(samples, n=100)
+    return {"p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000}
 
 
 def _counters(servers: dict[str, subprocess.Popen], gateway_metrics: str) -> dict[str, float]:
@@ -275,6 +306,14 @@ def main() -> None:
     if not bootstrap:
         broker = LocalBroker(log_path=work / "broker.log").start()
         bootstrap = broker.bootstrap_servers
+    try:
+        run(args, work, bootstrap)
+    finally:
+        if broker:
+            broker.stop()
+
+
+def run(args: argparse.Namespace, work: Path, bootstrap: str) -> None:
     server = os.environ.get("TOLLHOUSE_DATABASE_URL") or start_embedded_postgres(work / "pg")
     url = ensure_database(server, f"bench_{uuid.uuid4().hex[:8]}")
     upgrade_to_head(url)
@@ -314,6 +353,10 @@ def main() -> None:
                            for t in order]
         phases += [Phase(f"{t} saturate", targets[t], False, args.saturate_seconds, 0, args.saturate_connections)
                    for t in ("direct", "gateway")]
+        # The hops the gateway cannot avoid, at the same rate: metering's authorize as the
+        # load generator sees it (its spool commit is measured below, on the gateway's disk).
+        phases.append(Phase("metering authorize", metering_port, False, args.seconds, args.rate, args.connections,
+                            authorize=True))
 
         ctx = multiprocessing.get_context("spawn")
         commands, results = ctx.Queue(), ctx.Queue()
@@ -335,6 +378,7 @@ def main() -> None:
                     totals[name] = totals.get(name, 0.0) + value - before[name]
             print(f"  {phase.name:18s} {outcome.requests:>7,} calls  {outcome.errors} errors", flush=True)
         load.join()
+        commit = _commit_latency(work / "gateway" / "commit-probe.sqlite")
         time.sleep(2)  # the sender drains the spool
         spooled = _metric(gateway_metrics, "tollhouse_gateway_events_spooled_total")
         sent = _metric(gateway_metrics, "tollhouse_gateway_events_sent_total")
@@ -347,8 +391,6 @@ def main() -> None:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if broker:
-            broker.stop()
 
     figures = {name: _summary(o) for name, o in outcomes.items()}
     for name, f in figures.items():
@@ -370,6 +412,8 @@ def main() -> None:
         "added_ttfb_p50_ms": gs["ttfb_p50_ms"] - ds["ttfb_p50_ms"],
         "added_ttfb_p99_ms": gs["ttfb_p99_ms"] - ds["ttfb_p99_ms"],
         "max_throughput_ratio": gsat["achieved_rps"] / dsat["achieved_rps"],
+        "authorize_direct": {k: figures["metering authorize"][k] for k in ("p50_ms", "p99_ms")},
+        "spool_commit": commit,
         "usage_events": {"spooled": spooled, "sent": sent, "gateway_requests": served},
         "phases": figures,
     }
@@ -390,6 +434,9 @@ def main() -> None:
           f"p99 {result['added_ttfb_p99_ms']:+.2f} ms")
     print(f"most calls/s with {args.saturate_connections} connections busy: gateway {gsat['achieved_rps']:,.0f}/s, "
           f"direct {dsat['achieved_rps']:,.0f}/s, ratio {result['max_throughput_ratio']:.2f}")
+    print(f"the hops in it, at the same rate: metering authorize p50 {result['authorize_direct']['p50_ms']:.2f} ms"
+          f" p99 {result['authorize_direct']['p99_ms']:.2f} ms; one spool commit (fsync) p50 {commit['p50_ms']:.2f} ms"
+          f" p99 {commit['p99_ms']:.2f} ms")
     print(f"usage events: {spooled:,.0f} spooled, {sent:,.0f} sent to the broker, "
           f"for {served:,.0f} gateway requests")
     out = Path(__file__).resolve().parent / "results"

@@ -201,9 +201,22 @@ class Response:
                     self._let_go(reuse=False)
                     raise
 
-    async def aclose(self) -> None:
-        if self._conn is not None:
-            self._let_go(reuse=False)
+    async def aclose(self, *, drain_seconds: float = 0.0) -> None:
+        """Let go of the connection: back to the pool if the reply was read to its end
+        (or, with ``drain_seconds``, ends within that time, the rest discarded), else closed,
+        which also tells upstream to stop sending."""
+        conn = self._conn
+        if conn is None:
+            return
+        if drain_seconds > 0 and not conn.complete and conn.failure is None:
+            try:
+                async with asyncio.timeout(drain_seconds):
+                    while not conn.complete and conn.failure is None:
+                        conn.chunks.clear()
+                        await conn.wait(drain_seconds)
+            except (TimeoutError, HTTPError):
+                pass
+        self._let_go(reuse=conn.complete)
 
     def _let_go(self, *, reuse: bool) -> None:
         conn, self._conn = self._conn, None
@@ -234,9 +247,12 @@ class HTTPClient:
         self._closed = False
 
     async def request(self, method: str, path: str, *, headers: dict[str, str] | None = None, content: bytes = b"",
-                      stream: bool = False) -> Response:
-        """``path`` is relative to the base URL (``chat/completions`` under ``…/v1``). With
-        ``stream`` the reply comes back after its headers; otherwise after its body."""
+                      params: dict[str, str] | None = None, stream: bool = False) -> Response:
+        """``path`` is relative to the base URL (``chat/completions`` under ``…/v1``);
+        ``params`` become its query string. With ``stream`` the reply comes back after its
+        headers; otherwise after its body."""
+        if params:
+            path = f"{path}?{urllib.parse.urlencode(params)}"
         head = self._head(method, path, headers, content)
         conn = await self._acquire()
         conn.begin()

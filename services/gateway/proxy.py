@@ -59,6 +59,7 @@ MAX_API_KEY_CHARS = 512
 MAX_MODEL_CHARS = 256
 MULTIPART_OVERHEAD = 64 * 1024  # room for the form fields around an uploaded file
 MAX_ERROR_BODY_BYTES = 1024 * 1024
+DRAIN_AFTER_DONE_SECONDS = 1.0  # a stream past [DONE]: the longest wait for its body to end
 # Lists of files and batch jobs come from this gateway's ownership records, each object
 # fetched from upstream: at most this many objects a page (the cursor pages on), and this
 # many upstream requests at a time.
@@ -721,7 +722,10 @@ class MeteredStream(Response):
         finally:
             if watcher is not None:
                 watcher.cancel()
-            closing = asyncio.ensure_future(self.upstream.aclose())
+            # After [DONE] only the end of the chunked body is left: wait for it, so the
+            # connection goes back to the pool instead of a new one per stream.
+            closing = asyncio.ensure_future(self.upstream.aclose(drain_seconds=DRAIN_AFTER_DONE_SECONDS
+                                                                 if self.meter.done else 0.0))
             if not self.metered:  # the client went away (or the pump failed): bill what was streamed
                 self.metered = True
                 task = self.proxy.emitter.emit_detached(self._event(client_gone=True))

@@ -84,6 +84,22 @@ async def test_a_stream_arrives_piece_by_piece_to_its_end() -> None:
     assert text.endswith(b"data: [DONE]\n\n") and text.count(b"data: ") > 3
 
 
+async def test_a_stream_left_early_is_closed_unless_drained_to_its_end() -> None:
+    body = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "stream": True})
+    async with upstream_server() as url:
+        client = client_of(f"{url}/v1")
+        try:
+            for drain, kept in ((0.0, 0), (1.0, 1)):
+                reply = await client.request("POST", "chat/completions", content=body, stream=True,
+                                             headers={**JSON, "X-Sim-Chunk-Delay-Ms": "10"})
+                async for _ in reply.aiter_bytes():
+                    break  # the caller stops reading (client gone, or [DONE] seen)
+                await reply.aclose(drain_seconds=drain)
+                assert (client._open, len(client._idle)) == (kept, kept)
+        finally:
+            await client.aclose()
+
+
 async def test_a_stream_broken_off_raises_no_answer_and_the_connection_is_dropped() -> None:
     body = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "stream": True})
     async with upstream_server() as url:
@@ -182,16 +198,22 @@ async def test_the_request_carries_the_base_path_host_and_fixed_headers() -> Non
     seen: list[bytes] = []
 
     async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.append(await read_request(reader))
-        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-        await writer.drain()
+        while True:
+            try:
+                seen.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
 
     async with raw_server(record) as url:
         client = client_of(url, headers={"Authorization": "Bearer sk-gw"})
         reply = await client.post("batches/batch_1/cancel")
+        await client.get("readyz", params={"scope": "api", "x": "a b"})
         await client.aclose()
     head = seen[0].decode()
     assert reply.status_code == 204 and reply.content == b""
     assert head.startswith("POST /v1/batches/batch_1/cancel HTTP/1.1\r\n")
     assert f"Host: {url.removeprefix('http://').removesuffix('/v1')}\r\n" in head
     assert "Authorization: Bearer sk-gw\r\n" in head and "Content-Length: 0\r\n" in head
+    assert seen[1].decode().startswith("GET /v1/readyz?scope=api&x=a+b HTTP/1.1\r\n")
