@@ -83,8 +83,9 @@ class MeteringClient:
             raise MeteringUnavailable(f"metering sent an unreadable models reply: {exc}") from None
 
     async def ready(self) -> None:
-        """Raise ``MeteringUnavailable`` unless metering answers its /readyz."""
-        await self._request("GET", "/readyz")
+        """Raise ``MeteringUnavailable`` unless metering's API is ready (its database answers;
+        Kafka is not asked: while it is down the gateway spools)."""
+        await self._request("GET", "/readyz", params={"scope": "api"})
 
     async def _request(self, method: str, path: str, **kwargs) -> Response:
         try:

@@ -114,26 +114,33 @@ class Readiness:
         self.broker = broker
         self.consumer = consumer
 
-    async def check(self) -> ReadinessReport:
+    async def check(self, *, api_only: bool = False) -> ReadinessReport:
+        """Everything this process runs; with ``api_only`` only what its API needs (the
+        database), so that a Kafka outage does not take the authorize path away."""
         report = ReadinessReport()
+        broker_probe = None if api_only else self.broker
+        consumer_state = None if api_only else self.consumer
         database, broker = await asyncio.gather(
-            self._database_problem(), self.broker.problem() if self.broker else _nothing()
+            self._database_problem(), broker_probe.problem() if broker_probe else _nothing()
         )
         report.checks["database"] = "ok" if database is None else "not ready"
         if database:
             report.problems.append(database)
-        if self.broker is None:
+        if api_only:
+            report.checks["broker"] = report.checks["consumer"] = "not checked"
+            return report
+        if broker_probe is None:
             report.checks["broker"] = "not used"
         else:
             report.checks["broker"] = "ok" if broker is None else "not ready"
             if broker:
                 report.problems.append(broker)
-        if self.consumer is None:
+        if consumer_state is None:
             report.checks["consumer"] = "off"
         else:
-            consumer = self.consumer.problem()
+            consumer = consumer_state.problem()
             report.checks["consumer"] = "ok" if consumer is None else "not ready"
-            report.partitions = list(self.consumer.partitions)
+            report.partitions = list(consumer_state.partitions)
             if consumer:
                 report.problems.append(consumer)
         return report

@@ -288,7 +288,8 @@ def test_workloads_probe_readyz_and_healthz(kind: str) -> None:
     for obj in workloads:
         for container in pod_spec(obj)["containers"]:
             where = f"{kind} {obj['metadata']['name']}"
-            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", f"{where}: readiness on /readyz"
+            path = container["readinessProbe"]["httpGet"]["path"]
+            assert path in ("/readyz", "/readyz?scope=api"), f"{where}: readiness on /readyz"
             assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", f"{where}: liveness on /healthz"
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                 if probe in container:

@@ -34,9 +34,9 @@ def process_settings(database_url: str, bootstrap: str, topic_names: dict[str, s
     }
 
 
-async def readiness(url: str) -> tuple[int, dict]:
+async def readiness(url: str, scope: str = "all") -> tuple[int, dict]:
     async with httpx.AsyncClient(timeout=5.0) as client:
-        r = await client.get(f"{url}/readyz")
+        r = await client.get(f"{url}/readyz", params={"scope": scope})
     return r.status_code, r.json()
 
 
@@ -78,6 +78,9 @@ async def test_readyz_follows_the_broker_and_the_consumer_group(database_url, to
             assert body["msg"].startswith("not ready: broker: "), body
             assert broker.bootstrap_servers in body["msg"] and "database" not in body["msg"]
             assert (await readiness(api_only))[0] == 200
+            # What the gateway asks: the consuming process's API still serves authorize.
+            assert (await readiness(consuming, "api")) == (200, {"status": "ok", "database": "ok",
+                                                                 "broker": "not checked", "consumer": "not checked"})
 
             # Broker back on its port (it kept its topics in memory: create them again).
             broker = LocalBroker(port=broker.port, log_path=tmp_path / "broker.log").start()

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import structlog
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -128,10 +128,15 @@ def operations_router() -> APIRouter:
 
     @router.get("/readyz", response_model=ReadyBody, response_model_exclude_none=True,
                 responses={503: {"model": ErrorBody, "description": "Not ready: the message names each cause"}})
-    async def readyz(request: Request) -> dict[str, Any]:
+    async def readyz(
+        request: Request,
+        scope: Literal["all", "api"] = Query(
+            "all", description="`api`: only what the API needs (the database); the gateway asks this"),
+    ) -> dict[str, Any]:
         """The process can serve: the database answers and, when it runs the consumer, the
-        Kafka cluster answers and the consumer is a member of its group (docs/operations.md)."""
-        report = await request.app.state.readiness.check()
+        Kafka cluster answers and the consumer is a member of its group (docs/operations.md).
+        With `scope=api`, the database alone: what authorize and the query APIs need."""
+        report = await request.app.state.readiness.check(api_only=scope == "api")
         if report.problems:
             raise TollhouseError(UNAVAILABLE, "not ready: " + "; ".join(report.problems))
         return {"status": "ok", **report.checks, "partitions": report.partitions}
