@@ -12,6 +12,10 @@ are documented in docs/exports.md; new columns are only ever added at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -89,11 +93,13 @@ EXPORT_COLUMN_NAMES = tuple(c.name for c in EXPORT_COLUMNS)
 if tuple(EXPORT_SQL) != EXPORT_COLUMN_NAMES:  # the store's SQL and the documented columns must agree
     raise RuntimeError("services.metering.store.exports.EXPORT_SQL does not list the export's columns in order")
 
-# Parquet: rows per row group (and per progress step), and how much CSV is parsed at once.
-# Together they bound an export's memory: one block of CSV being parsed, one being read,
-# and at most one row group of Arrow data waiting to be written.
-PARQUET_ROW_GROUP_ROWS = 65_536
-PARQUET_BLOCK_BYTES = 8 << 20
+# Parquet: rows per row group (and per progress step). An export holds at most one row
+# group of Arrow data waiting to be written.
+PARQUET_ROW_GROUP_ROWS = 32_768
+# Dictionary-encoded: the columns with few distinct values. Ids, times and amounts are
+# nearly unique per row, where a dictionary only costs memory and time.
+PARQUET_DICTIONARY_COLUMNS = ["entry_type", "account_id", "key_id", "model", "local_day", "kind", "status",
+                              "source", "package_id", "price_id", "usage_estimated"]
 
 
 class CsvRecords:
@@ -108,10 +114,10 @@ class CsvRecords:
     def __init__(self) -> None:
         self._quoted = False
 
-    def convert(self, chunk: bytes) -> tuple[bytes, int]:
-        """The chunk with CRLF record ends, and how many records ended in it."""
+    def convert(self, chunk: bytes, *, count: bool = True) -> tuple[bytes, int]:
+        """The chunk with CRLF record ends, and how many records ended in it (0 unless ``count``)."""
         if not self._quoted and b'"' not in chunk:
-            return chunk.replace(b"\n", b"\r\n"), chunk.count(b"\n")
+            return chunk.replace(b"\n", b"\r\n"), chunk.count(b"\n") if count else 0
         parts = chunk.split(b'"')
         records = 0
         for i in range(1 if self._quoted else 0, len(parts), 2):  # the parts outside quotes
@@ -120,16 +126,6 @@ class CsvRecords:
         if len(parts) % 2 == 0:  # an odd number of quotes: the state flips
             self._quoted = not self._quoted
         return b'"'.join(parts), records
-
-    def track(self, chunk: bytes) -> None:
-        """Only follow the quote state (what ``convert`` does, without converting)."""
-        if chunk.count(b'"') % 2:
-            self._quoted = not self._quoted
-
-    @property
-    def at_record_end(self) -> bool:
-        """Outside quotes: a line feed here ended a record."""
-        return not self._quoted
 
 
 class TextCopyLines:
@@ -142,14 +138,15 @@ class TextCopyLines:
     def __init__(self) -> None:
         self._carry = b""
 
-    def convert(self, chunk: bytes) -> tuple[bytes, int]:
+    def convert(self, chunk: bytes, *, count: bool = True) -> tuple[bytes, int]:
+        """The lines as they were, and how many ended in the chunk (0 unless ``count``)."""
         data = self._carry + chunk if self._carry else chunk
         trailing = len(data) - len(data.rstrip(b"\\"))
         if trailing % 2:
             data, self._carry = data[:-1], data[-1:]
         else:
             self._carry = b""
-        return data.replace(b"\\\\", b"\\"), data.count(b"\n")
+        return data.replace(b"\\\\", b"\\"), data.count(b"\n") if count else 0
 
 
 class _Drain:
@@ -181,11 +178,63 @@ class _Drain:
         return out
 
 
-class ParquetEncoder:
-    """Apache Parquet (snappy) from blocks of the export's CSV, parsed by pyarrow into the
-    documented types; row groups of ``row_group_rows``, written as they fill.
+class _ChunkFile(io.RawIOBase):
+    """A readable file over the CSV chunks the event loop hands in, for pyarrow's streaming
+    CSV reader in the encoder's thread. At most ``limit`` chunks wait: ``feed`` blocks
+    beyond that, which holds the database back."""
 
-    ``encode`` and ``finish`` do the CPU work and release the GIL: call them in a thread.
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(limit)
+        self._current = memoryview(b"")
+        self._ended = False
+        self.aborted = False
+
+    def readable(self) -> bool:
+        return True
+
+    def feed(self, chunk: bytes | None) -> None:
+        """A chunk, or None for the end (called from a thread: it may wait)."""
+        while not self.aborted:
+            try:
+                self._chunks.put(chunk, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def abort(self) -> None:
+        self.aborted = True
+        with contextlib.suppress(queue.Full):
+            self._chunks.put_nowait(None)
+
+    def read(self, size: int = -1) -> bytes:
+        # pyarrow asks for a block at a time: hand over whole chunks without copying them.
+        while not self._current and not self._ended:
+            chunk = self._chunks.get()
+            if self.aborted:
+                raise OSError("the export was abandoned")
+            if chunk is None:
+                self._ended = True
+            else:
+                self._current = memoryview(chunk)
+        if size < 0 or size >= len(self._current):
+            out, self._current = self._current, memoryview(b"")
+        else:
+            out, self._current = self._current[:size], self._current[size:]
+        return out.obj if len(out) == len(out.obj) else bytes(out)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class ParquetEncoder:
+    """Apache Parquet (snappy) from the export's CSV, parsed by pyarrow's streaming reader
+    into the documented types; row groups of ``row_group_rows``, written as they fill.
+
+    ``run`` does all the work, in one thread (Arrow's own thread pool made the allocator
+    hold on to far more memory, per thread, than the parse ever used).
     """
 
     def __init__(self, row_group_rows: int = PARQUET_ROW_GROUP_ROWS) -> None:
@@ -195,7 +244,7 @@ class ParquetEncoder:
 
         if row_group_rows <= 0:
             raise ValueError("row_group_rows must be positive")
-        self._pa, self._csv = pa, pa_csv
+        self._pa, self._csv, self._pq = pa, pa_csv, pq
         types = {
             "int64": pa.int64(),
             "string": pa.string(),
@@ -204,7 +253,7 @@ class ParquetEncoder:
             "bool": pa.bool_(),
         }
         self.schema = pa.schema([pa.field(c.name, types[c.kind]) for c in EXPORT_COLUMNS])
-        self._read = pa_csv.ReadOptions(column_names=list(EXPORT_COLUMN_NAMES), block_size=PARQUET_BLOCK_BYTES)
+        self._read = pa_csv.ReadOptions(column_names=list(EXPORT_COLUMN_NAMES), block_size=1 << 20, use_threads=False)
         self._parse = pa_csv.ParseOptions(newlines_in_values=True)
         # An unquoted empty field is NULL; "" is an empty string (COPY writes them so).
         self._convert = pa_csv.ConvertOptions(
@@ -216,39 +265,40 @@ class ParquetEncoder:
             false_values=["false"],
         )
         self._rows_per_group = row_group_rows
-        self._pending: list[Any] = []  # tables of fewer than a row group's rows in all
-        self._pending_rows = 0
-        self._sink = _Drain()
-        self._writer = pq.ParquetWriter(pa.PythonFile(self._sink, mode="w"), self.schema, compression="snappy")
 
-    def encode(self, csv_block: bytes) -> tuple[bytes, list[int]]:
-        """Parse whole CSV records; write every full row group. → (bytes, rows per group)."""
-        table = self._csv.read_csv(
-            self._pa.py_buffer(csv_block), read_options=self._read, parse_options=self._parse,
-            convert_options=self._convert,
-        )
-        self._pending.append(table)
-        self._pending_rows += table.num_rows
-        groups = []
-        if self._pending_rows >= self._rows_per_group:
-            rows = self._pa.concat_tables(self._pending)
-            start = 0
-            while rows.num_rows - start >= self._rows_per_group:
-                self._writer.write_table(rows.slice(start, self._rows_per_group), row_group_size=self._rows_per_group)
-                groups.append(self._rows_per_group)
-                start += self._rows_per_group
-            rest = rows.slice(start)
-            self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-        return self._sink.take(), groups
+    def run(self, csv: _ChunkFile | None, emit: Callable[[bytes, int], None]) -> None:
+        """Read the CSV to its end, calling ``emit(bytes, rows)`` after each row group
+        (``rows`` 0 for the file's last bytes). ``csv`` None: no rows."""
+        sink = _Drain()
+        writer = self._pq.ParquetWriter(self._pa.PythonFile(sink, mode="w"), self.schema, compression="snappy",
+                                        use_dictionary=PARQUET_DICTIONARY_COLUMNS)
+        pending: list[Any] = []  # batches of fewer than a row group's rows in all
+        pending_rows = 0
 
-    def finish(self) -> tuple[bytes, list[int]]:
-        groups = []
-        if self._pending_rows:
-            self._writer.write_table(self._pa.concat_tables(self._pending), row_group_size=self._rows_per_group)
-            groups.append(self._pending_rows)
-            self._pending, self._pending_rows = [], 0
-        self._writer.close()
-        return self._sink.take(), groups
+        def write(batches: list[Any]) -> None:
+            table = self._pa.Table.from_batches(batches, schema=self.schema)
+            writer.write_table(table, row_group_size=table.num_rows)
+            emit(sink.take(), table.num_rows)
+
+        if csv is not None:
+            try:
+                reader = self._csv.open_csv(csv, read_options=self._read, parse_options=self._parse,
+                                            convert_options=self._convert)
+                for batch in reader:
+                    while batch.num_rows:
+                        take = min(batch.num_rows, self._rows_per_group - pending_rows)
+                        pending.append(batch.slice(0, take))
+                        pending_rows += take
+                        batch = batch.slice(take)
+                        if pending_rows == self._rows_per_group:
+                            write(pending)
+                            pending, pending_rows = [], 0
+            finally:
+                csv.abort()  # done reading, or failed: a feed still waiting returns
+        if pending_rows:
+            write(pending)
+        writer.close()
+        emit(sink.take(), 0)
 
 
 CSV_HEADER = (",".join(EXPORT_COLUMN_NAMES) + "\r\n").encode()
@@ -269,6 +319,7 @@ async def export_ledger(
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}")
     progress = on_rows or (lambda rows: None)
+    count = on_rows is not None  # counting costs a pass over the bytes: only for progress bars
     async with ledger_export_snapshot(engine, query) as snapshot:
         if on_start is not None:
             on_start(snapshot.rows)
@@ -278,14 +329,14 @@ async def export_ledger(
             records = CsvRecords()
             async with aclosing(snapshot.csv()) as chunks:
                 async for chunk in chunks:
-                    data, rows = records.convert(chunk)
+                    data, rows = records.convert(chunk, count=count)
                     yield data
                     progress(rows)
         elif fmt == "jsonl":
             lines = TextCopyLines()
             async with aclosing(snapshot.jsonl()) as chunks:
                 async for chunk in chunks:
-                    data, rows = lines.convert(chunk)
+                    data, rows = lines.convert(chunk, count=count)
                     yield data
                     progress(rows)
         else:
@@ -294,34 +345,55 @@ async def export_ledger(
                     yield data
 
 
+PARQUET_CHUNKS_AHEAD = 4  # CSV chunks (up to 1 MB each) waiting for the encoder
+
+
 async def _parquet(
     csv: AsyncIterator[bytes], encoder: ParquetEncoder, progress: Callable[[int], None]
 ) -> AsyncIterator[bytes]:
-    """Blocks of whole CSV records are parsed and written in a thread while the next block
-    is read from the database (one block at a time: they share the writer)."""
-    records = CsvRecords()  # only to know where records end
-    block: list[bytes] = []
-    size = 0
+    """The encoder runs in its own thread, reading the CSV as it is handed in; what it
+    writes comes back here through a queue."""
+    loop = asyncio.get_running_loop()
+    threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parquet-export")  # encoder, feeder
+    written: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
+    file: _ChunkFile | None = None
     encoding: asyncio.Future | None = None
 
-    async def written(work: Callable[..., tuple[bytes, list[int]]], *args: Any) -> bytes:
-        data, groups = await asyncio.to_thread(work, *args)
-        for rows in groups:
-            progress(rows)
-        return data
+    def emit(data: bytes, rows: int) -> None:
+        loop.call_soon_threadsafe(written.put_nowait, (data, rows))
 
-    async with aclosing(csv) as chunks:
-        async for chunk in chunks:
-            records.track(chunk)
-            block.append(chunk)
-            size += len(chunk)
-            if size >= PARQUET_BLOCK_BYTES and records.at_record_end and chunk.endswith(b"\n"):
-                if encoding is not None and (data := await encoding):
+    def start(csv_file: _ChunkFile | None) -> asyncio.Future:
+        return asyncio.ensure_future(loop.run_in_executor(threads, encoder.run, csv_file, emit))
+
+    async def drain() -> AsyncIterator[bytes]:
+        while not written.empty():
+            data, rows = written.get_nowait()
+            if rows:
+                progress(rows)
+            if data:
+                yield data
+
+    try:
+        async with aclosing(csv) as chunks:
+            async for chunk in chunks:
+                if encoding is None:
+                    file = _ChunkFile(PARQUET_CHUNKS_AHEAD)
+                    encoding = start(file)
+                await loop.run_in_executor(threads, file.feed, chunk)
+                if encoding.done():  # it failed: say why
+                    await encoding
+                async for data in drain():
                     yield data
-                encoding = asyncio.ensure_future(written(encoder.encode, b"".join(block)))
-                block, size = [], 0
-    if encoding is not None and (data := await encoding):
-        yield data
-    if block and (data := await written(encoder.encode, b"".join(block))):
-        yield data
-    yield await written(encoder.finish)
+        if encoding is None:
+            encoding = start(None)
+        else:
+            await loop.run_in_executor(threads, file.feed, None)
+        await encoding
+        async for data in drain():
+            yield data
+    finally:
+        if file is not None and encoding is not None and not encoding.done():
+            file.abort()
+            with contextlib.suppress(Exception):
+                await encoding
+        threads.shutdown(wait=False)

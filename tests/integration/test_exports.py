@@ -35,6 +35,7 @@ from services.contracts.money import format_cny, format_fen
 from services.metering.api.app import create_app
 from services.metering.consumer.expiry import sweep_package_expiries
 from services.metering.ledger_export import EXPORT_COLUMN_NAMES, EXPORT_FORMATS, export_ledger
+from services.metering.store import exports as store_exports
 from services.metering.store.billing import LedgerQuery
 from services.metering.store.db import make_engine
 from tests.support import seed
@@ -364,6 +365,20 @@ async def test_export_reads_one_snapshot_taken_before_the_first_row(settings, da
         assert f"mid-export-{fmt}" not in {r["reference"] for r in rows}
         assert [r["entry_id"] for r in rows] == sorted(r["entry_id"] for r in rows)
     assert seed.scalar(database_url, "SELECT count(*) FROM ledger_entries WHERE reference LIKE 'mid-export%%'") == 3
+
+
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+async def test_an_export_made_of_many_slices_on_several_streams_is_the_same(database_url, client, monkeypatch, fmt):
+    insert_edge_entries(database_url)
+    whole = (await export(client, fmt, **EVERYTHING)).content
+    # Slices of a few rows, copied on three connections at once, read back in order.
+    monkeypatch.setattr(store_exports, "EXPORT_SLICE_ROWS", 4)
+    monkeypatch.setattr(store_exports, "EXPORT_STREAMS", 3)
+    sliced = (await export(client, fmt, **EVERYTHING)).content
+    rows = PARSERS[fmt](sliced)
+    assert rows == PARSERS[fmt](whole) and len(rows) == len(EDGE_CHARGES) * len(EDGE_ZONES)
+    if fmt != "parquet":
+        assert sliced == whole
 
 
 async def test_parquet_is_written_in_row_groups_of_the_set_size(settings, database_url, engine):
