@@ -356,6 +356,10 @@ class BillingStore:
         """
         stmt = ledger_select(query)
         async with self._engine.connect() as conn:
+            # Plan each page for its own values: the best path depends on how many entries the
+            # account has in the window, which a generic plan (what a prepared statement gets
+            # after a few runs) guesses, and for a busy account guesses badly.
+            await conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_custom_plan")
             if after is None and (query.time_from is not None or query.time_to is not None):
                 # Start at the window's first entry: left to itself, the planner reads the
                 # account's entries from its very first one until it reaches the window.
