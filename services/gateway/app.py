@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from services.contracts import errors
 from services.contracts.errors import Canonical, ErrorKind, TollhouseError, error_body
@@ -87,7 +87,7 @@ def create_app(
             if spool.events:
                 log.warning("spool_kept", events=spool.events, path=str(spool.path))
 
-    app = FastAPI(
+    app = GatewayApp(
         title="Tollhouse gateway",
         version="1",
         description="OpenAI-compatible gateway: authenticates API keys, asks metering, forwards upstream, "
@@ -99,7 +99,6 @@ def create_app(
     )
     app.state.settings = settings
     _install_error_handlers(app)
-    app.add_middleware(FrontDoor)
 
     def proxy_of(request: Request) -> Proxy:
         return request.app.state.proxy
@@ -252,9 +251,10 @@ def internal_error_response(path: str, exc: Exception) -> JSONResponse:
     return error_response(errors.INTERNAL, "internal error; the gateway log has the details")
 
 
-# The front door: request metrics, and the inference routes served without FastAPI's
-# routing, dependency resolution and exception middleware (most calls are inference
-# calls, and those layers cost more CPU per call than the gateway's own work on them).
+# The app's entry point: request metrics, and the inference routes served without
+# FastAPI's per-request layers (its telemetry check reads the environment on every call;
+# then routing, dependency resolution, exception middleware). Most calls are inference
+# calls, and those layers cost more CPU per call than the gateway's own work on them.
 
 _INFERENCE = {CHAT: CHAT, COMPLETIONS: COMPLETIONS, EMBEDDINGS: EMBEDDINGS}
 _UNCOUNTED = {"/metrics", "/healthz", "/readyz"}
@@ -273,17 +273,14 @@ def _route_label(scope: Scope) -> str:
     return _template_label(route.path) if route is not None else "other"
 
 
-class FrontDoor:
-    """Counts every call by route template, model and status; answers ``POST`` on the
-    inference routes itself, with the same error handling as the FastAPI routes (which
-    stay, for every other method and for the OpenAPI description)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+class GatewayApp(FastAPI):
+    """FastAPI, but every call is counted by route template, model and status here, and
+    ``POST`` on the inference routes is answered here, with the same error handling as the
+    FastAPI routes (which stay, for every other method and for the OpenAPI description)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in _UNCOUNTED:
-            await self.app(scope, receive, send)
+            await super().__call__(scope, receive, send)
             return
         status = 500
 
@@ -296,7 +293,7 @@ class FrontDoor:
         endpoint = _INFERENCE.get(scope["path"]) if scope["method"] == "POST" else None
         try:
             if endpoint is None:
-                await self.app(scope, receive, counted_send)
+                await super().__call__(scope, receive, counted_send)
             else:
                 await self._inference(scope, receive, counted_send, endpoint)
         finally:
@@ -304,11 +301,11 @@ class FrontDoor:
             label = endpoint or _route_label(scope)
             metrics.requests_of(label, model, str(status)).inc()
 
-    @staticmethod
-    async def _inference(scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
+    async def _inference(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
+        scope["app"] = self
         request = Request(scope, receive)
         try:
-            response = await request.app.state.proxy.inference(request, endpoint)
+            response = await self.state.proxy.inference(request, endpoint)
         except TollhouseError as exc:
             response = refusal_response(exc)
         except Exception as exc:
