@@ -187,3 +187,38 @@ async def test_breaches_are_relayed_to_the_breach_topic(database_url: str, broke
     assert body["data"]["cap"] == "0.010000000"
     assert body["id"] == seed.scalar(url, "SELECT breach_id FROM breaches")
     assert seed.scalar(url, "SELECT count(*) FROM outbox") == 0
+
+
+async def test_partitions_whose_offsets_could_not_be_read_at_assignment_are_taken_up_later(
+    database_url: str, broker, topic_names: dict[str, str], monkeypatch
+) -> None:
+    from services.metering.consumer import worker
+
+    url = database_url
+    seed_prices(url)
+    seed.create_account(url, "acc_1")
+    seed.topup(url, "acc_1", NANO, "t")
+    seed.create_key(url, "key_1", "acc_1", "payg")
+    settings = metering_settings(url, broker.bootstrap_servers, topic_names, topic_partitions=2)
+    await create_topics(settings)
+    events = [build_usage_event(account_id="acc_1", key_id="key_1", model="gpt-4o", prompt_tokens=100,
+                                completion_tokens=10, request_id=f"r{i}", time=START) for i in range(20)]
+    await produce(broker.bootstrap_servers, settings.usage_topic, [(b"acc_1", encode_event(e)) for e in events])
+
+    # The database is away while the assignment arrives, and for the first retry after it.
+    real = worker.stored_offset
+    failures = []
+
+    async def flaky(*args, **kwargs):
+        if len(failures) < 2:
+            failures.append(args[3])
+            raise ConnectionError("database unreachable")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "stored_offset", flaky)
+    consumer = await consume_until(settings, url, lambda c: c.totals.received >= 20)
+    assert len(failures) == 2
+    assert consumer.membership.error is None
+    expected = sum(reference_charge("gpt-4o", 100, 10, 0, False) for _ in events)
+    assert seed.scalar(url, "SELECT count(*) FROM ledger_entries WHERE entry_type = 'usage'") == 20
+    assert seed.scalar(url, "SELECT sum(charge) FROM ledger_entries WHERE entry_type = 'usage'") == expected

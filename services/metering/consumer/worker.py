@@ -57,10 +57,11 @@ class _OffsetListener(ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         try:
             await self.worker.seek_to_stored(assigned)
-        except Exception as exc:
+        except Exception as exc:  # the consumer's loop tries again (_take_up_missed)
+            self.worker._drop_connection()
             self.worker.membership.failed(exc)
             log.error("partitions_not_taken_up", partitions=sorted(tp.partition for tp in assigned), error=repr(exc))
-            raise
+            return
         self.worker.membership.joined(tp.partition for tp in assigned)
         if assigned:
             log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
@@ -89,6 +90,8 @@ class UsageConsumer:
         # partition may not follow on from the new position; the seek brings them again.
         self._seeks: dict[int, int] = {}
         self._lag_reported_at = 0.0
+        self._take_up_at = 0.0  # when to try again to take up partitions whose offsets were not read
+        self._take_up_delay = RETRY_MIN_SECONDS
         self.totals = BatchOutcome()
         self.on_commit: list = []  # callbacks(outcome) after each committed batch
         self._consumer: AIOKafkaConsumer | None = None
@@ -134,6 +137,7 @@ class UsageConsumer:
         fetcher = asyncio.create_task(self._fetch_ahead(consumer, ahead, stop), name="consumer-fetch")
         try:
             while not stop.is_set():
+                await self._take_up_missed()
                 try:
                     fetched = await asyncio.wait_for(ahead.get(), timeout=self.settings.consumer_poll_ms / 1000)
                 except asyncio.TimeoutError:
@@ -164,6 +168,36 @@ class UsageConsumer:
             if self._conn is not None and not self._conn.is_closed():
                 await self._conn.close()
             log.info("consumer_stopped")
+
+    async def _take_up_missed(self) -> None:
+        """Partitions assigned whose stored offsets could not be read when they arrived (the
+        database was away during the rebalance; the rebalance listener cannot retry, as
+        aiokafka only logs what it raises): read them again, with backoff. Until then their
+        messages are fetched but not booked, and /readyz reports the member out of its group."""
+        assert self._consumer is not None
+        if time.monotonic() < self._take_up_at:
+            return
+        missed = [tp for tp in self._consumer.assignment() if tp.partition not in self.positions]
+        if not missed:
+            return
+        try:
+            await self.seek_to_stored(missed)
+        except Exception as exc:
+            self._drop_connection()
+            self.membership.failed(exc)
+            self._take_up_at = time.monotonic() + self._take_up_delay
+            log.error("partitions_not_taken_up", partitions=sorted(tp.partition for tp in missed),
+                      error=repr(exc), retry_in=self._take_up_delay)
+            self._take_up_delay = min(self._take_up_delay * 2, RETRY_MAX_SECONDS)
+            return
+        self._take_up_delay = RETRY_MIN_SECONDS
+        self.membership.joined(tp.partition for tp in self._consumer.assignment())
+        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in missed), late=True)
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
 
     async def _fetch_ahead(self, consumer: AIOKafkaConsumer, ahead: asyncio.Queue, stop: asyncio.Event) -> None:
         """Fetch batches and judge them against the contract (pure CPU) while the batch
@@ -258,9 +292,7 @@ class UsageConsumer:
                     self.positions[tp.partition] = offset
                     self._seek(tp, offset)
         except Exception as exc:
-            if self._conn is not None:
-                self._conn.terminate()
-                self._conn = None
+            self._drop_connection()
             for tp in batch:
                 if tp.partition in self.positions and tp in self._consumer.assignment():
                     self._seek(tp, self.positions[tp.partition])
