@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     """Most usage messages booked in one consumer batch (one database transaction)."""
     consumer_poll_ms: int = Field(default=50, ge=1, le=10_000)
     """Longest wait of one consumer poll for new messages, in milliseconds."""
+    consumer_fetch_wait_ms: int = Field(default=20, ge=1, le=10_000)
+    """Longest time the broker may hold a consumer fetch waiting for data, in milliseconds (Kafka's
+    `fetch.max.wait.ms`). Every message waits up to this long before it is booked on a broker
+    that holds a fetch for its full time even when data is there; idle, it is one fetch
+    request per this interval per replica."""
     max_event_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     """Largest usage message; a larger one is dead-lettered as `oversize`."""
     max_event_future_seconds: int = Field(default=300, ge=0, le=86_400 * 7)

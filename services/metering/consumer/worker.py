@@ -8,7 +8,9 @@ Offsets are also committed to Kafka after the database commit, only so lag dashb
 work; Kafka's copy is never read back.
 
 The next batch is fetched and decoded while the current one's SQL runs (decoding is pure
-CPU and needs no database). Each seek of a partition bumps that partition's seek count;
+CPU and needs no database), and keeps growing, up to the batch size, until the booking loop
+takes it: under a steady load a message waits for at most the batch before it, not for a
+batch that was cut while that one was booked. Each seek of a partition bumps that partition's seek count;
 the messages of a partition read ahead under an older count are dropped (the seek has
 already pointed the fetcher back at them), so nothing is skipped or booked twice.
 """
@@ -121,6 +123,7 @@ class UsageConsumer:
             client_id=self.client_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.settings.consumer_fetch_wait_ms,
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             session_timeout_ms=10_000,
@@ -132,18 +135,15 @@ class UsageConsumer:
         await consumer.start()
         log.info("consumer_started", topic=self.config.topic, group=self.config.group)
         delay = RETRY_MIN_SECONDS
-        # One batch is fetched and decoded ahead while the current one's SQL runs.
-        ahead: asyncio.Queue = asyncio.Queue(maxsize=1)
+        # The next batch is fetched and decoded while the current one's SQL runs.
+        ahead = _NextBatch()
         fetcher = asyncio.create_task(self._fetch_ahead(consumer, ahead, stop), name="consumer-fetch")
         try:
             while not stop.is_set():
                 await self._take_up_missed()
-                try:
-                    fetched = await asyncio.wait_for(ahead.get(), timeout=self.settings.consumer_poll_ms / 1000)
-                except asyncio.TimeoutError:
+                fetched = await ahead.take(self.settings.consumer_poll_ms / 1000)
+                if fetched is None:
                     continue
-                if isinstance(fetched, BaseException):
-                    raise fetched
                 # Every log line about this batch carries its id and the offsets it covers.
                 with structlog.contextvars.bound_contextvars(
                     batch_id=new_id("bat"), offsets=_offset_ranges(fetched.batch)
@@ -199,14 +199,16 @@ class UsageConsumer:
             self._conn.terminate()
             self._conn = None
 
-    async def _fetch_ahead(self, consumer: AIOKafkaConsumer, ahead: asyncio.Queue, stop: asyncio.Event) -> None:
+    async def _fetch_ahead(self, consumer: AIOKafkaConsumer, ahead: "_NextBatch", stop: asyncio.Event) -> None:
         """Fetch batches and judge them against the contract (pure CPU) while the batch
         before is being booked; hand them over with their partitions' seek counts."""
         try:
             while not stop.is_set():
-                batch = await consumer.getmany(
-                    timeout_ms=self.settings.consumer_poll_ms, max_records=self.settings.consumer_batch_max
-                )
+                room = self.settings.consumer_batch_max - ahead.messages
+                if room <= 0:
+                    await ahead.taken()
+                    continue
+                batch = await consumer.getmany(timeout_ms=self.settings.consumer_poll_ms, max_records=room)
                 seeks = {tp.partition: self._seeks.get(tp.partition, 0) for tp in batch}
                 if time.monotonic() - self._lag_reported_at >= LAG_REPORT_SECONDS:
                     self._report_lag()
@@ -222,9 +224,9 @@ class UsageConsumer:
                         judge_contract(chunk, self.config, now)
                         judged += chunk
                         await asyncio.sleep(0)  # let the booking task move its SQL along
-                await ahead.put(_Fetched(seeks, batch, records))
+                ahead.add(_Fetched(seeks, batch, records))
         except Exception as exc:  # the booking loop re-raises it
-            await ahead.put(exc)
+            ahead.fail(exc)
 
     async def _book(self, fetched: "_Fetched") -> None:
         records: list[Record] = []
@@ -340,6 +342,59 @@ class _Fetched:
     seeks: dict[int, int]  # partition → its seek count when the messages were fetched
     batch: dict[TopicPartition, list]  # the messages as fetched
     records: dict[int, list[Record]]  # partition → the same messages, judged
+
+
+class _NextBatch:
+    """What the fetcher has read and judged since the booking loop last took a batch. New
+    fetches are appended to it (the fetcher stops at the batch size until it is taken); a
+    partition sought between two fetches keeps only the messages fetched after the seek."""
+
+    def __init__(self) -> None:
+        self._fetched: _Fetched | None = None
+        self.messages = 0
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self._taken = asyncio.Event()
+
+    def add(self, fetched: _Fetched) -> None:
+        self.messages += sum(len(m) for m in fetched.batch.values())
+        if self._fetched is None:
+            self._fetched = fetched
+        else:
+            held = self._fetched
+            for tp, messages in fetched.batch.items():
+                seeks = fetched.seeks[tp.partition]
+                if tp in held.batch and held.seeks[tp.partition] == seeks:
+                    held.batch[tp] = held.batch[tp] + messages
+                    held.records[tp.partition] = held.records[tp.partition] + fetched.records[tp.partition]
+                else:  # new, or sought since: what was held of it is stale
+                    held.batch[tp] = messages
+                    held.records[tp.partition] = fetched.records[tp.partition]
+                    held.seeks[tp.partition] = seeks
+        self._ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._ready.set()
+
+    async def take(self, timeout: float) -> _Fetched | None:
+        """The batch, once there is one (None after ``timeout`` seconds); raises what the fetcher raised."""
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return None
+        if self._error is not None:
+            raise self._error
+        fetched, self._fetched, self.messages = self._fetched, None, 0
+        self._ready.clear()
+        self._taken.set()
+        return fetched
+
+    async def taken(self) -> None:
+        """Wait until the booking loop takes the batch."""
+        self._taken.clear()
+        await self._taken.wait()
 
 
 def _offset_ranges(batch: dict[TopicPartition, list]) -> dict[str, list[int]]:
