@@ -256,64 +256,66 @@ async def main() -> None:
     if not bootstrap:
         broker = LocalBroker().start()
         bootstrap = broker.bootstrap_servers
-    server = os.environ.get("TOLLHOUSE_DATABASE_URL") or start_embedded_postgres(
-        Path(tempfile.mkdtemp(prefix="tollhouse-bench-")) / "pg")
-    url = ensure_database(server, f"bench_{uuid.uuid4().hex[:8]}")
-    upgrade_to_head(url)
-    keys = seed(url, args.keys)
-    suffix = uuid.uuid4().hex[:6]
-    settings = load_settings(
-        database_url=url, kafka_bootstrap_servers=bootstrap, usage_topic=f"bench-usage-{suffix}",
-        dlq_topic=f"bench-dlq-{suffix}", breach_topic=f"bench-breach-{suffix}", consumer_group=f"bench-{suffix}",
-        topic_partitions=args.partitions, consumer_batch_max=args.batch, log_level="warning",
-    )
-    await ensure_topics(bootstrap, [settings.usage_topic, settings.dlq_topic, settings.breach_topic], args.partitions)
+    try:
+        server = os.environ.get("TOLLHOUSE_DATABASE_URL") or start_embedded_postgres(
+            Path(tempfile.mkdtemp(prefix="tollhouse-bench-")) / "pg")
+        url = ensure_database(server, f"bench_{uuid.uuid4().hex[:8]}")
+        upgrade_to_head(url)
+        keys = seed(url, args.keys)
+        suffix = uuid.uuid4().hex[:6]
+        settings = load_settings(
+            database_url=url, kafka_bootstrap_servers=bootstrap, usage_topic=f"bench-usage-{suffix}",
+            dlq_topic=f"bench-dlq-{suffix}", breach_topic=f"bench-breach-{suffix}", consumer_group=f"bench-{suffix}",
+            topic_partitions=args.partitions, consumer_batch_max=args.batch, log_level="warning",
+        )
+        await ensure_topics(bootstrap, [settings.usage_topic, settings.dlq_topic, settings.breach_topic], args.partitions)
 
-    if args.latency_only:
-        lat = await latency_at_rate(settings, url, keys, args.rate, args.seconds)
-        print(f"produce→commit @{args.rate:,}/s p50 {lat['p50_ms']:.1f} ms  p99 {lat['p99_ms']:.1f} ms"
-              f"  max {lat['max_ms']:.1f} ms ({lat['events']:,} events)")
-        return
-    print(f"generating {args.events:,} events over {len(keys):,} keys …", flush=True)
-    payloads = make_payloads(keys, args.events)
-    produce_rate = await produce_all(bootstrap, settings.usage_topic, payloads)
-    del payloads
-    print(f"  produced at {produce_rate:,.0f} events/s", flush=True)
+        if args.latency_only:
+            lat = await latency_at_rate(settings, url, keys, args.rate, args.seconds)
+            print(f"produce→commit @{args.rate:,}/s p50 {lat['p50_ms']:.1f} ms  p99 {lat['p99_ms']:.1f} ms"
+                  f"  max {lat['max_ms']:.1f} ms ({lat['events']:,} events)")
+            return
+        print(f"generating {args.events:,} events over {len(keys):,} keys …", flush=True)
+        payloads = make_payloads(keys, args.events)
+        produce_rate = await produce_all(bootstrap, settings.usage_topic, payloads)
+        del payloads
+        print(f"  produced at {produce_rate:,.0f} events/s", flush=True)
 
-    consume_rate = await raw_consume_rate(bootstrap, settings.usage_topic, args.events)
-    print(f"  baseline raw consume: {consume_rate:,.0f} events/s", flush=True)
-    rate, consumer = await pipeline_rate(settings, url, args.events)
-    print(f"  pipeline sustained:   {rate:,.0f} events/s  (accepted {consumer.totals.accepted:,},"
-          f" dead-lettered {consumer.totals.dead_lettered:,})", flush=True)
-    copy_rate = await raw_copy_rate(url, args.events)
-    print(f"  baseline raw COPY:    {copy_rate:,.0f} events/s (usage_events + ledger_entries rows)", flush=True)
+        consume_rate = await raw_consume_rate(bootstrap, settings.usage_topic, args.events)
+        print(f"  baseline raw consume: {consume_rate:,.0f} events/s", flush=True)
+        rate, consumer = await pipeline_rate(settings, url, args.events)
+        print(f"  pipeline sustained:   {rate:,.0f} events/s  (accepted {consumer.totals.accepted:,},"
+              f" dead-lettered {consumer.totals.dead_lettered:,})", flush=True)
+        copy_rate = await raw_copy_rate(url, args.events)
+        print(f"  baseline raw COPY:    {copy_rate:,.0f} events/s (usage_events + ledger_entries rows)", flush=True)
 
-    lat_settings = settings.model_copy(update={"usage_topic": f"bench-steady-{suffix}", "consumer_group": f"steady-{suffix}"})
-    await ensure_topics(bootstrap, [lat_settings.usage_topic], args.partitions)
-    latency = await latency_at_rate(lat_settings, url, keys, args.rate, args.seconds)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        lat_settings = settings.model_copy(update={"usage_topic": f"bench-steady-{suffix}", "consumer_group": f"steady-{suffix}"})
+        await ensure_topics(bootstrap, [lat_settings.usage_topic], args.partitions)
+        latency = await latency_at_rate(lat_settings, url, keys, args.rate, args.seconds)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    result = {
-        "when": format_time(datetime.now(timezone.utc)),
-        "events": args.events, "keys": len(keys), "partitions": args.partitions, "batch_max": args.batch,
-        "pipeline_events_per_s": round(rate), "raw_consume_events_per_s": round(consume_rate),
-        "raw_copy_events_per_s": round(copy_rate), "ratio_to_copy": round(rate / copy_rate, 3),
-        "ratio_to_consume": round(rate / consume_rate, 3),
-        "latency": {k: round(v, 1) if isinstance(v, float) else v for k, v in latency.items()},
-        "peak_rss_mb": round(peak_mb), "cpus": os.cpu_count(),
-    }
-    print()
-    print(f"sustained ingest        {rate:>10,.0f} events/s   (target ≥ 50,000)")
-    print(f"raw COPY baseline       {copy_rate:>10,.0f} events/s   ratio {rate / copy_rate:.2f}")
-    print(f"raw consume baseline    {consume_rate:>10,.0f} events/s   ratio {rate / consume_rate:.2f}")
-    print(f"produce→commit @{args.rate:,}/s p50 {latency['p50_ms']:.1f} ms  p99 {latency['p99_ms']:.1f} ms"
-          f"  (target p99 ≤ 250 ms, {latency['events']:,} events)")
-    print(f"peak RSS                {peak_mb:>10,.0f} MB")
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "ingest.json").write_text(json.dumps(result, indent=2))
-    if broker:
-        broker.stop()
+        result = {
+            "when": format_time(datetime.now(timezone.utc)),
+            "events": args.events, "keys": len(keys), "partitions": args.partitions, "batch_max": args.batch,
+            "pipeline_events_per_s": round(rate), "raw_consume_events_per_s": round(consume_rate),
+            "raw_copy_events_per_s": round(copy_rate), "ratio_to_copy": round(rate / copy_rate, 3),
+            "ratio_to_consume": round(rate / consume_rate, 3),
+            "latency": {k: round(v, 1) if isinstance(v, float) else v for k, v in latency.items()},
+            "peak_rss_mb": round(peak_mb), "cpus": os.cpu_count(),
+        }
+        print()
+        print(f"sustained ingest        {rate:>10,.0f} events/s   (target ≥ 50,000)")
+        print(f"raw COPY baseline       {copy_rate:>10,.0f} events/s   ratio {rate / copy_rate:.2f}")
+        print(f"raw consume baseline    {consume_rate:>10,.0f} events/s   ratio {rate / consume_rate:.2f}")
+        print(f"produce→commit @{args.rate:,}/s p50 {latency['p50_ms']:.1f} ms  p99 {latency['p99_ms']:.1f} ms"
+              f"  (target p99 ≤ 250 ms, {latency['events']:,} events)")
+        print(f"peak RSS                {peak_mb:>10,.0f} MB")
+        out = Path(__file__).resolve().parent / "results"
+        out.mkdir(exist_ok=True)
+        (out / "ingest.json").write_text(json.dumps(result, indent=2))
+    finally:
+        if broker:
+            broker.stop()
 
 
 if __name__ == "__main__":
