@@ -8,10 +8,10 @@ that Alembic migrated once per session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -52,13 +52,22 @@ def template_database(pg_server_url: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def migrated_database(pg_server_url: str, template_database: str, prefix: str = "tollhouse_t") -> Iterator[str]:
+    """A fresh database copied from the migrated template, dropped afterwards: its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    _admin_execute(pg_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    try:
+        yield with_database(pg_server_url, name)
+    finally:
+        _admin_execute(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def database_url(pg_server_url: str, template_database: str) -> Iterator[str]:
     """A fresh, migrated database for one test."""
-    name = f"tollhouse_t_{uuid.uuid4().hex[:12]}"
-    _admin_execute(pg_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    yield with_database(pg_server_url, name)
-    _admin_execute(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with migrated_database(pg_server_url, template_database) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

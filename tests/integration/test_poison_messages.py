@@ -23,16 +23,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
-import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from services.contracts.events import DEAD_LETTER_EVENT_TYPE, Reason, build_usage_event, encode_event, format_time
 from services.metering.consumer.relay import OutboxRelay
 from services.settings import Settings
+from tests.conftest import migrated_database
 from tests.support import seed
 from tests.support.kafka import consume_until, create_topics, metering_settings, read_topic
 
@@ -259,10 +258,6 @@ class Scenario:
     db: dict[str, Any]  # query results taken right after the first run (before any redelivery)
 
 
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
 
 async def produce_recorded(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> list:
     """Send in order with acks=all; return each message's RecordMetadata (partition, offset)."""
@@ -376,13 +371,8 @@ async def run_relay_and_read_dlq(settings: Settings, url: str, expected: int) ->
 
 @pytest.fixture(scope="module")
 def scenario_database(pg_server_url: str, template_database: str) -> Iterator[str]:
-    name = f"tollhouse_poison_{uuid.uuid4().hex[:10]}"
-    admin = _with_database(pg_server_url, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    yield _with_database(pg_server_url, name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with migrated_database(pg_server_url, template_database, "tollhouse_poison") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

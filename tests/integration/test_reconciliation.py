@@ -25,6 +25,7 @@ from alembic import command
 from services.contracts.events import build_usage_event, encode_event
 from services.metering.store.migrate import alembic_config
 from services.settings import Settings
+from tests.conftest import migrated_database
 from tests.support import seed
 from tests.support.app import ADMIN, BILLING, GATEWAY, metering_client
 from tests.support.kafka import consume_until, create_topics, metering_settings, produce
@@ -70,22 +71,10 @@ class Scenario:
     late: Booked  # exactly the end of ``day``: outside [day, day + 1)
 
 
-def _with_database(url: str, name: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
 @pytest.fixture(scope="module")
 def scenario_database(pg_server_url: str, template_database: str) -> Iterator[str]:
-    name = f"tollhouse_recon_{uuid.uuid4().hex[:10]}"
-    admin = _with_database(pg_server_url, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    yield _with_database(pg_server_url, name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with migrated_database(pg_server_url, template_database, "tollhouse_recon") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
