@@ -92,7 +92,9 @@ class Settings(BaseSettings):
     reservation_ttl_seconds: int = Field(default=600, ge=1, le=86_400)
     """How long an authorize reservation is held when no usage event settles it."""
     quota_snapshot_seconds: int = Field(default=30, ge=1, le=3_600)
-    """Longest time the authorizer trusts a key's cached snapshot without a database notice."""
+    """How often the authorizer reloads a key's cached snapshot without a database notice: the
+    first call after this is answered from the snapshot in hand while it is reloaded in the
+    background; a snapshot twice this old is not used."""
     # Reconciliation and dead letters (the diff's upload is bounded by max_request_bytes).
     reconciliation_max_window_days: int = Field(default=366, ge=1, le=36_600)
     """Longest `from`–`to` window of `GET /v1/reconciliation`."""

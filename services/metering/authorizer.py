@@ -6,7 +6,10 @@ PostgreSQL LISTEN/NOTIFY: every transaction that changes what a decision reads (
 batch, a top-up, a key change, a new price) sends a notice that is delivered when it
 commits; the authorizer then reloads the accounts named and releases the reservations the
 booked usage events settled, in that order, so a settled call is never counted twice nor
-forgotten. Snapshots also expire after ``QUOTA_SNAPSHOT_SECONDS`` as a safety net.
+forgotten. Snapshots are also reloaded after ``QUOTA_SNAPSHOT_SECONDS`` as a safety net:
+the first call after that is answered from the snapshot in hand while it is reloaded in
+the background; one older than twice that is not used at all (the call waits for the
+database).
 
 A reservation holds the call's estimate against the package, the balance and the key's
 caps until its usage event is booked, or until it expires (``RESERVATION_TTL_SECONDS``).
@@ -98,6 +101,7 @@ class Authorizer:
         self._held_account: dict[str, int] = {}
         self._held_key: dict[str, int] = {}
         self._loading: dict[bytes, asyncio.Future] = {}
+        self._refreshes: set[asyncio.Task] = set()  # background reloads of snapshots due
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
 
@@ -115,9 +119,9 @@ class Authorizer:
 
     async def stop(self) -> None:
         self._stopped.set()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._refreshes]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._refreshes, return_exceptions=True)
         if self._listener is not None and not self._listener.is_closed():
             await self._listener.close()
         if self._pool is not None:
@@ -175,14 +179,28 @@ class Authorizer:
     async def _snapshot(self, secret_hash: bytes) -> KeySnapshot | None:
         entry = self._entries.get(secret_hash)
         now = time.monotonic()
-        if entry is not None and now - entry.loaded_at < self.snapshot_seconds:
-            return entry.snapshot
+        if entry is not None:
+            age = now - entry.loaded_at
+            if age < self.snapshot_seconds:
+                return entry.snapshot
+            if age < 2 * self.snapshot_seconds:
+                # Due: this call is answered from it while it is reloaded in the background,
+                # so calls never queue on the database for a key in use (every key in use
+                # would otherwise make its callers wait once per snapshot period).
+                if secret_hash not in self._loading:
+                    refresh = asyncio.get_running_loop().create_task(self._load(secret_hash))
+                    self._refreshes.add(refresh)
+                    refresh.add_done_callback(self._refreshed)
+                return entry.snapshot
         unknown_since = self._unknown.get(secret_hash)
         if unknown_since is not None and now - unknown_since < NEGATIVE_CACHE_SECONDS:
             return None
         pending = self._loading.get(secret_hash)
         if pending is not None:  # one query per key, however many calls wait for it
             return await asyncio.shield(pending)
+        return await self._load(secret_hash)
+
+    async def _load(self, secret_hash: bytes) -> KeySnapshot | None:
         future = asyncio.get_running_loop().create_future()
         self._loading[secret_hash] = future
         try:
@@ -190,6 +208,7 @@ class Authorizer:
             async with self._pool.acquire() as conn:
                 snapshot = await store.snapshot_by_hash(conn, secret_hash, self.clock())
             if snapshot is None:
+                self._entries.pop(secret_hash, None)
                 self._unknown[secret_hash] = time.monotonic()
             else:
                 self._install(secret_hash, snapshot)
@@ -201,6 +220,12 @@ class Authorizer:
             raise
         finally:
             del self._loading[secret_hash]
+
+    def _refreshed(self, task: asyncio.Task) -> None:
+        self._refreshes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The snapshot in hand stays in use until it is too old; the next call retries.
+            log.warning("snapshot_refresh_failed", error=repr(task.exception()))
 
     def _install(self, secret_hash: bytes, snapshot: KeySnapshot) -> None:
         self._entries[secret_hash] = _Entry(snapshot, time.monotonic())

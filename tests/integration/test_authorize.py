@@ -136,6 +136,44 @@ async def test_gateway_token_only(settings, database_url) -> None:
         assert "estimated_tokens" in bad.json()["msg"]
 
 
+async def test_authorize_answers_errors_in_the_shape_of_every_route(settings, database_url, monkeypatch) -> None:
+    """POST /v1/authorize is served outside FastAPI's routing: the same role check, error
+    shapes, body limit and request ids as every other route."""
+    async with metering_client(settings, database_url) as client:
+        payload = {"api_key": "sk-x", "model": "m"}
+        unauthenticated = await client.post("/v1/authorize", json=payload, headers={"X-Request-ID": "req-7"})
+        assert unauthenticated.status_code == 401
+        assert unauthenticated.headers["www-authenticate"] == "Bearer"
+        assert unauthenticated.headers["x-request-id"] == "req-7"
+        assert unauthenticated.json()["code"] == 16 and "gateway token" in unauthenticated.json()["msg"]
+        too_big = await client.post("/v1/authorize", headers=GATEWAY,
+                                    content=b'{"api_key": "' + b"x" * settings.max_request_bytes + b'"}')
+        assert too_big.status_code == 413 and too_big.json()["code"] == 3
+        not_json = await client.post("/v1/authorize", headers=GATEWAY, content=b"{not json")
+        assert not_json.status_code == 400 and not_json.json()["msg"] == "body: not a valid JSON object"
+        unknown_field = await client.post("/v1/authorize", headers=GATEWAY, json={**payload, "tokens": 1})
+        assert unknown_field.status_code == 400 and "tokens" in unknown_field.json()["msg"]
+        assert (await client.get("/v1/authorize", headers=GATEWAY)).status_code == 405
+
+        authorizer = client.app.state.authorizer
+
+        async def database_gone(*args, **kwargs):
+            raise ConnectionRefusedError("connection refused")
+
+        monkeypatch.setattr(authorizer, "authorize", database_gone)
+        unavailable = await client.post("/v1/authorize", headers=GATEWAY, json=payload)
+        assert unavailable.status_code == 503 and unavailable.json()["code"] == 14
+        assert "unreachable" in unavailable.json()["msg"]
+
+        async def broken(*args, **kwargs):
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(authorizer, "authorize", broken)
+        failed = await client.post("/v1/authorize", headers=GATEWAY, json=payload)
+        assert failed.status_code == 500 and failed.json()["code"] == 13
+        assert "a bug" not in failed.text
+
+
 async def test_a_top_up_reaches_the_decision_without_waiting_for_the_cache(settings, database_url) -> None:
     async with metering_client(settings, database_url) as client:
         await add_price(client, "m")
@@ -240,3 +278,28 @@ async def test_reservations_expire_and_free_their_hold(settings, database_url) -
             return (await authorize(client, key["api_key"], "m"))["allowed"]
 
         assert await eventually(freed, timeout=5)
+
+
+async def test_a_due_snapshot_is_reloaded_in_the_background_and_an_old_one_is_not_used(settings, database_url) -> None:
+    # No notice reaches the authorizer here (the balance is changed behind its back), so only
+    # the snapshot period brings the change in.
+    async with metering_client(settings, database_url, snapshot_seconds=0.5) as client:
+        await add_price(client, "m")
+        account = await setup_account(client, balance="10")
+        key = await create_key(client, account, billing_mode="payg")
+        assert (await authorize(client, key["api_key"], "m"))["allowed"]
+        seed.scalar(database_url, "UPDATE account_balances SET balance = 0 WHERE account_id = %s RETURNING 1", account)
+        await asyncio.sleep(0.6)
+        # Due: answered at once from the snapshot in hand, which is reloaded meanwhile.
+        assert (await authorize(client, key["api_key"], "m"))["allowed"]
+        await eventually(lambda: _refused_for_balance(client, key["api_key"]), timeout=5)
+
+        seed.scalar(database_url, "UPDATE account_balances SET balance = 10000000000 WHERE account_id = %s RETURNING 1",
+                    account)
+        await asyncio.sleep(1.1)
+        # Twice the period old: not used; this call waits for the database.
+        assert (await authorize(client, key["api_key"], "m"))["allowed"]
+
+
+async def _refused_for_balance(client, api_key: str) -> bool:
+    return (await authorize(client, api_key, "m"))["reason"] == "insufficient_balance"

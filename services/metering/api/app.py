@@ -42,7 +42,7 @@ from services.contracts.errors import (
     TollhouseError,
     error_body,
 )
-from services.metering.api import admin, billing, exports
+from services.metering.api import admin, authorize, billing, exports
 from services.metering.api.schemas import ErrorBody
 from services.metering.readiness import Readiness
 from services.metering.store.admin import AdminStore, database_ready, utc_now
@@ -93,6 +93,9 @@ def create_app(
     app.state.admin_store = AdminStore(engine, clock)
     app.state.readiness = Readiness(lambda: database_ready(engine))
     install_error_handlers(app)
+    routers = list(routers)
+    if authorize.router in routers:  # innermost: inside the body limit and request ids
+        app.add_middleware(authorize.AuthorizeFrontDoor)
     app.add_middleware(RequestBodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIds)
     app.include_router(operations_router())
