@@ -9,7 +9,7 @@ Prints, in one run on this machine:
     the raw COPY rate of the same rows (usage_events + ledger_entries) into PostgreSQL;
   * the ratio of the pipeline to those baselines, and peak memory.
 
-Run:  python bench/ingest.py [--events 1000000] [--keys 10000] [--rate 5000] [--seconds 20]
+Run:  python bench/ingest.py [--events 1000000] [--keys 10000] [--rate 5000] [--seconds 20] [--consumers N]
 Starts its own embedded PostgreSQL and broker unless TOLLHOUSE_DATABASE_URL /
 TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS are set.
 """
@@ -24,6 +24,7 @@ import os
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -160,6 +161,33 @@ async def pipeline_rate(settings, url: str, expected: int) -> tuple[float, Usage
     return expected / elapsed, consumer
 
 
+async def group_rate(settings, url: str, expected: int, consumers: int) -> float:
+    """``consumers`` real ``tollhouse metering --no-api`` processes in one consumer group: the
+    rate from the first booked event to the last (counted in the database)."""
+    env = {**os.environ, "TOLLHOUSE_DATABASE_URL": url, "TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+           "TOLLHOUSE_USAGE_TOPIC": settings.usage_topic, "TOLLHOUSE_DLQ_TOPIC": settings.dlq_topic,
+           "TOLLHOUSE_BREACH_TOPIC": settings.breach_topic, "TOLLHOUSE_CONSUMER_GROUP": settings.consumer_group,
+           "TOLLHOUSE_CONSUMER_BATCH_MAX": str(settings.consumer_batch_max), "TOLLHOUSE_LOG_LEVEL": "warning"}
+    procs = [subprocess.Popen([sys.executable, "-m", "services.cli", "metering", "--no-api"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(consumers)]
+    conn = await asyncpg.connect(url)
+    try:
+        started = None
+        while (booked := await conn.fetchval("SELECT count(*) FROM usage_events")) < expected:
+            if started is None and booked:
+                started, first = time.perf_counter(), booked
+            if any(proc.poll() is not None for proc in procs):
+                raise SystemExit("a metering process stopped early")
+            await asyncio.sleep(0.05)
+        return (expected - first) / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+
+
 async def raw_copy_rate(url: str, expected: int) -> float:
     """COPY the rows the pipeline wrote (events + ledger) into empty twins of the tables."""
     conn = await asyncpg.connect(url)
@@ -248,6 +276,8 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--batch", type=int, default=5_000)
     parser.add_argument("--latency-only", action="store_true", help="skip the throughput and baseline phases")
+    parser.add_argument("--consumers", type=int, default=1,
+                        help="for the sustained rate: 1 in-process consumer, or N `tollhouse metering --no-api` processes")
     args = parser.parse_args()
     configure_logging("console", "warning")
 
@@ -283,9 +313,14 @@ async def main() -> None:
 
         consume_rate = await raw_consume_rate(bootstrap, settings.usage_topic, args.events)
         print(f"  baseline raw consume: {consume_rate:,.0f} events/s", flush=True)
-        rate, consumer = await pipeline_rate(settings, url, args.events)
-        print(f"  pipeline sustained:   {rate:,.0f} events/s  (accepted {consumer.totals.accepted:,},"
-              f" dead-lettered {consumer.totals.dead_lettered:,})", flush=True)
+        if args.consumers == 1:
+            rate, consumer = await pipeline_rate(settings, url, args.events)
+            print(f"  pipeline sustained:   {rate:,.0f} events/s  (accepted {consumer.totals.accepted:,},"
+                  f" dead-lettered {consumer.totals.dead_lettered:,})", flush=True)
+        else:
+            rate = await group_rate(settings, url, args.events, args.consumers)
+            print(f"  pipeline sustained:   {rate:,.0f} events/s  ({args.consumers} metering processes in one group)",
+                  flush=True)
         copy_rate = await raw_copy_rate(url, args.events)
         print(f"  baseline raw COPY:    {copy_rate:,.0f} events/s (usage_events + ledger_entries rows)", flush=True)
 
@@ -297,6 +332,7 @@ async def main() -> None:
         result = {
             "when": format_time(datetime.now(timezone.utc)),
             "events": args.events, "keys": len(keys), "partitions": args.partitions, "batch_max": args.batch,
+            "consumers": args.consumers,
             "pipeline_events_per_s": round(rate), "raw_consume_events_per_s": round(consume_rate),
             "raw_copy_events_per_s": round(copy_rate), "ratio_to_copy": round(rate / copy_rate, 3),
             "ratio_to_consume": round(rate / consume_rate, 3),
