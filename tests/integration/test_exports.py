@@ -505,3 +505,9 @@ async def test_export_bad_input_is_refused_before_streaming(client, params, stat
     assert r.headers["content-type"] == "application/json"
     assert needle in r.json()["msg"]
 
+
+
+async def test_the_openapi_description_says_from_and_to_are_required(client) -> None:
+    operation = (await client.get("/openapi.json")).json()["paths"]["/v1/exports/ledger"]["get"]
+    required = {p["name"]: p.get("required", False) for p in operation["parameters"]}
+    assert required == {"from": True, "to": True, "account_id": False, "format": False}

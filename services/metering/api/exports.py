@@ -61,8 +61,8 @@ async def _logged(chunks: AsyncIterator[bytes], **context: object) -> AsyncItera
 )
 async def export_ledger_route(
     request: Request,
-    from_: Annotated[str | None, Query(alias="from", description="event_time ≥ this RFC 3339 instant (required)")] = None,
-    to: Annotated[str | None, Query(description="event_time < this RFC 3339 instant, exclusive (required)")] = None,
+    from_: Annotated[str, Query(alias="from", description="event_time ≥ this RFC 3339 instant")],
+    to: Annotated[str, Query(description="event_time < this RFC 3339 instant, exclusive")],
     account_id: Annotated[str | None, Query(description="Only this account (default: every account)")] = None,
     format: Annotated[str, Query(description="csv (default), jsonl or parquet")] = "csv",
 ) -> StreamingResponse:
@@ -72,8 +72,7 @@ async def export_ledger_route(
     docs/exports.md (new columns are only ever appended).
     """
     time_from, time_to = query_instant(from_, "from"), query_instant(to, "to")
-    if time_from is None or time_to is None:
-        raise bad("query.from" if time_from is None else "query.to", "is required (an RFC 3339 instant)")
+    assert time_from is not None and time_to is not None  # required parameters, so given
     check_range(time_from, time_to)
     account_id = query_id(account_id, "account_id")
     if format not in EXPORT_FORMATS:
