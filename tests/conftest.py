@@ -12,18 +12,13 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
 from services.local_services import LocalBroker, start_embedded_postgres, stop_embedded_postgres
 from services.metering.store.migrate import upgrade_to_head
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+from services.runtime import with_database
 
 
 def _admin_execute(url: str, *statements: str) -> None:

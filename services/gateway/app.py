@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import re
-import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from services.gateway.metering_client import MeteringClient, MeteringUnavailable
 from services.gateway.proxy import Proxy
 from services.gateway.spool import Spool
 from services.gateway.usage import CHAT, COMPLETIONS, EMBEDDINGS
+from services.runtime import stop_on_signals
 from services.settings import Settings
 
 log = structlog.get_logger("tollhouse.gateway")
@@ -332,12 +332,7 @@ async def run_gateway(settings: Settings, *, host: str = "127.0.0.1", port: int 
     # for that thread's commit.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop_on_signals(stop)
     server = uvicorn.Server(uvicorn.Config(
         create_app(settings), host=host, port=port, http="httptools", log_level="warning", access_log=False,
         lifespan="on", timeout_graceful_shutdown=30,

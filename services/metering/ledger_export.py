@@ -115,7 +115,8 @@ class CsvRecords:
         self._quoted = False
 
     def convert(self, chunk: bytes, *, count: bool = True) -> tuple[bytes, int]:
-        """The chunk with CRLF record ends, and how many records ended in it (0 unless ``count``)."""
+        """The chunk with CRLF record ends, and how many records ended in it. Without
+        ``count`` that number may be 0: only quoted chunks, which need the scan anyway, count."""
         if not self._quoted and b'"' not in chunk:
             return chunk.replace(b"\n", b"\r\n"), chunk.count(b"\n") if count else 0
         parts = chunk.split(b'"')

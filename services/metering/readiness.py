@@ -118,29 +118,26 @@ class Readiness:
         """Everything this process runs; with ``api_only`` only what its API needs (the
         database), so that a Kafka outage does not take the authorize path away."""
         report = ReadinessReport()
-        broker_probe = None if api_only else self.broker
-        consumer_state = None if api_only else self.consumer
-        database, broker = await asyncio.gather(
-            self._database_problem(), broker_probe.problem() if broker_probe else _nothing()
-        )
+        probe = None if api_only else self.broker
+        database, broker = await asyncio.gather(self._database_problem(), probe.problem() if probe else _nothing())
         report.checks["database"] = "ok" if database is None else "not ready"
         if database:
             report.problems.append(database)
         if api_only:
             report.checks["broker"] = report.checks["consumer"] = "not checked"
             return report
-        if broker_probe is None:
+        if self.broker is None:
             report.checks["broker"] = "not used"
         else:
             report.checks["broker"] = "ok" if broker is None else "not ready"
             if broker:
                 report.problems.append(broker)
-        if consumer_state is None:
+        if self.consumer is None:
             report.checks["consumer"] = "off"
         else:
-            consumer = consumer_state.problem()
+            consumer = self.consumer.problem()
             report.checks["consumer"] = "ok" if consumer is None else "not ready"
-            report.partitions = list(consumer_state.partitions)
+            report.partitions = list(self.consumer.partitions)
             if consumer:
                 report.problems.append(consumer)
         return report

@@ -7,7 +7,6 @@ can run any part with their own servers.
 from __future__ import annotations
 
 import asyncio
-import signal
 
 import structlog
 
@@ -16,7 +15,7 @@ from services.metering.consumer.relay import OutboxRelay
 from services.metering.consumer.topics import ensure_topics
 from services.metering.consumer.worker import UsageConsumer
 from services.metering.readiness import BrokerProbe, Readiness
-from services.runtime import settle_heap
+from services.runtime import settle_heap, stop_on_signals
 from services.settings import Settings
 
 log = structlog.get_logger("tollhouse.metering")
@@ -34,12 +33,7 @@ async def run_metering(
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``): the batch in flight finishes, then all stops."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop_on_signals(stop)
     tasks: list[asyncio.Task] = []
     consumer = None
     if consume:

@@ -21,12 +21,13 @@ from services.metering.authorizer import Authorizer
 
 MAX_ESTIMATED_TOKENS = 10**9
 PATH = "/v1/authorize"
+ROLES = (GATEWAY,)  # who may call it
 
 # The role is checked by the route class before the body is read; the scheme is documented
 # in OpenAPI below rather than by a dependency, which would cost every call its resolution.
 router = APIRouter(
     tags=["gateway"],
-    route_class=role_checked_route(GATEWAY),
+    route_class=role_checked_route(*ROLES),
     responses={s: {"model": ErrorBody} for s in (400, 401, 403, 413)},
 )
 
@@ -126,7 +127,7 @@ class AuthorizeFrontDoor:
             return
         request = Request(scope, receive)
         try:
-            authenticate(request, (GATEWAY,))
+            authenticate(request, ROLES)
             response = await authorize(request)
         except Exception as exc:
             response = await _handled(request, exc)

@@ -365,8 +365,8 @@ class _NextBatch:
             for tp, messages in fetched.batch.items():
                 seeks = fetched.seeks[tp.partition]
                 if tp in held.batch and held.seeks[tp.partition] == seeks:
-                    held.batch[tp] = held.batch[tp] + messages
-                    held.records[tp.partition] = held.records[tp.partition] + fetched.records[tp.partition]
+                    held.batch[tp].extend(messages)
+                    held.records[tp.partition].extend(fetched.records[tp.partition])
                 else:  # new, or sought since: what was held of it is stale
                     held.batch[tp] = messages
                     held.records[tp.partition] = fetched.records[tp.partition]

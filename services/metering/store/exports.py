@@ -152,7 +152,7 @@ class _Buffer:
         if self._discarding:
             return
         self._items.append(item)
-        self._bytes += len(item) if isinstance(item, bytearray) else 0
+        self._bytes += 0 if _is_marker(item) else len(item)
         self._arrived.set()
 
     async def take(self, most: int) -> tuple[list[bytearray], Any]:
@@ -165,7 +165,7 @@ class _Buffer:
         end = None
         while self._items and size < most:
             item = self._items.popleft()
-            if not isinstance(item, bytearray):
+            if _is_marker(item):
                 end = item
                 break
             chunks.append(item)
@@ -183,7 +183,11 @@ class _Buffer:
         self._room.set()
 
 
-_SLICE_END = object()
+_SLICE_END = object()  # a slice's COPY ended; an exception in its place: the stream failed
+
+
+def _is_marker(item: Any) -> bool:
+    return item is _SLICE_END or isinstance(item, BaseException)
 
 
 class LedgerSnapshot:
