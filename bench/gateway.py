@@ -28,10 +28,8 @@ TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS are set.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import secrets
@@ -43,7 +41,6 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -55,6 +52,8 @@ from services.local_services import LocalBroker, free_port, port_in_use, start_e
 from services.metering.consumer.topics import ensure_topics  # noqa: E402
 from services.metering.store.migrate import upgrade_to_head  # noqa: E402
 from services.runtime import ensure_database  # noqa: E402
+
+from loadgen import LoadGenerator, Outcome, Phase, http_request, summary  # noqa: E402
 
 NANO = 10**9
 GATEWAY_TOKEN = "bench-gateway-token"
@@ -86,132 +85,15 @@ def seed(url: str, keys: int) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------- the load generator (its own process)
+def chat_request(key: str, stream: bool) -> bytes:
+    body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": 16, "stream": stream}).encode()
+    return http_request("/v1/chat/completions", key, body)
 
 
-@dataclass
-class Phase:
-    name: str
-    port: int
-    stream: bool
-    seconds: float
-    rate: int = 0  # requests/s, open loop; 0: closed loop, every connection busy
-    connections: int = 64
-    authorize: bool = False  # POST /v1/authorize to metering instead of a chat completion
-
-
-@dataclass
-class Outcome:
-    name: str
-    requests: int = 0
-    errors: int = 0
-    elapsed: float = 0.0
-    latencies: list[float] = field(default_factory=list)  # seconds, to the last byte
-    first_bytes: list[float] = field(default_factory=list)  # seconds, to the first body byte (streams)
-
-
-def _request_bytes(key: str, phase: Phase) -> bytes:
-    if phase.authorize:  # what the gateway sends metering for this call
-        path, token = b"/v1/authorize", GATEWAY_TOKEN
-        body = json.dumps({"api_key": key, "model": MODEL, "estimated_tokens": 1_040}).encode()
-    else:
-        path, token = b"/v1/chat/completions", key
-        body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": 16, "stream": phase.stream}).encode()
-    return (b"POST " + path + b" HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer " + token.encode()
-            + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-
-
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[bool, float]:
-    """Send one request, read the whole reply (content-length or chunked); return (ok, the
-    perf_counter time the first body byte arrived)."""
-    writer.write(request)
-    status = await reader.readline()
-    length, chunked = 0, False
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"transfer-encoding" and b"chunked" in value.lower():
-            chunked = True
-    first = 0.0
-    if not chunked:
-        await reader.readexactly(length)
-        first = time.perf_counter()
-    else:
-        while True:
-            size = int((await reader.readline()).split(b";")[0], 16)
-            if size and not first:
-                first = time.perf_counter()
-            await reader.readexactly(size + 2)
-            if size == 0:
-                break
-    return b" 200 " in status, first
-
-
-async def _run_phase(phase: Phase, keys: list[str]) -> Outcome:
-    outcome = Outcome(phase.name)
-    requests = [_request_bytes(k, phase) for k in keys]
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    start = time.perf_counter() + 0.2
-    stop_at = start + phase.seconds
-
-    async def worker(n: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", phase.port)
-        i = n
-        try:
-            while True:
-                if phase.rate:
-                    i = await queue.get()
-                    if i < 0:
-                        return
-                    due = start + i / phase.rate
-                else:
-                    due = time.perf_counter()
-                    if due >= stop_at:
-                        return
-                ok, first = await _exchange(reader, writer, requests[i % len(requests)])
-                done = time.perf_counter()
-                if not phase.rate and done > stop_at:
-                    return  # finished after the window closed: not counted
-                outcome.requests += 1
-                outcome.errors += not ok
-                outcome.latencies.append(done - due)
-                if phase.stream:
-                    outcome.first_bytes.append(first - due)
-                i += phase.connections
-        finally:
-            writer.close()
-
-    if phase.rate:
-        workers = [asyncio.create_task(worker(n)) for n in range(phase.connections)]
-        total = int(phase.rate * phase.seconds)
-        for i in range(total):
-            delay = start + i / phase.rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            queue.put_nowait(i)
-        for _ in workers:
-            queue.put_nowait(-1)
-    else:
-        await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        workers = [asyncio.create_task(worker(n)) for n in range(phase.connections)]
-    await asyncio.gather(*workers)
-    outcome.elapsed = (time.perf_counter() - start) if phase.rate else phase.seconds
-    return outcome
-
-
-def _load_process(phases: list[Phase], keys: list[str], commands, results) -> None:
-    """Runs each phase when told to (so the parent can read CPU counters around it)."""
-    import uvloop
-
-    async def go() -> None:
-        loop = asyncio.get_running_loop()
-        for phase in phases:
-            await loop.run_in_executor(None, commands.get)
-            results.put(await _run_phase(phase, keys))
-
-    uvloop.run(go())
+def authorize_request(key: str) -> bytes:
+    """What the gateway sends metering for one of these calls."""
+    body = json.dumps({"api_key": key, "model": MODEL, "estimated_tokens": 1_040}).encode()
+    return http_request("/v1/authorize", GATEWAY_TOKEN, body)
 
 
 # ---------------------------------------------------------------- the servers
@@ -272,22 +154,6 @@ def _metric_in(text: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def _summary(outcomes: list[Outcome]) -> dict:
-    latencies = sorted(x for o in outcomes for x in o.latencies)
-    first = sorted(x for o in outcomes for x in o.first_bytes)
-    requests = sum(o.requests for o in outcomes)
-    elapsed = sum(o.elapsed for o in outcomes)
-
-    def pct(values: list[float], q: int) -> float:
-        return statistics.quantiles(values, n=1000)[q - 1] * 1000 if len(values) > 1 else float("nan")
-
-    out = {"requests": requests, "errors": sum(o.errors for o in outcomes), "achieved_rps": requests / elapsed,
-           "p50_ms": pct(latencies, 500), "p99_ms": pct(latencies, 990), "max_ms": latencies[-1] * 1000}
-    if first:
-        out.update(ttfb_p50_ms=pct(first, 500), ttfb_p99_ms=pct(first, 990))
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=int, default=500, help="requests/s of the steady phases")
@@ -344,40 +210,39 @@ def run(args: argparse.Namespace, work: Path, bootstrap: str) -> None:
         procs.append(gateway)
         targets = {"direct": sim_port, "gateway": gateway_port}
 
-        phases: list[Phase] = [Phase(f"warm {t}", port, stream, 2, min(args.rate, 200), args.connections)
-                               for t, port in targets.items() for stream in (False, True)]
+        unary = [chat_request(k, False) for k in keys]
+        streamed = [chat_request(k, True) for k in keys]
+        phases: list[Phase] = [
+            Phase(f"warm {t}", port, streamed if stream else unary, 2, min(args.rate, 200), args.connections, stream)
+            for t, port in targets.items() for stream in (False, True)]
         for kind, stream in (("unary", False), ("stream", True)):
             for r in range(args.rounds):
                 order = ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")
-                phases += [Phase(f"{t} {kind}", targets[t], stream, args.seconds, args.rate, args.connections)
+                phases += [Phase(f"{t} {kind}", targets[t], streamed if stream else unary, args.seconds, args.rate,
+                                 args.connections, stream)
                            for t in order]
-        phases += [Phase(f"{t} saturate", targets[t], False, args.saturate_seconds, 0, args.saturate_connections)
+        phases += [Phase(f"{t} saturate", targets[t], unary, args.saturate_seconds, 0, args.saturate_connections)
                    for t in ("direct", "gateway")]
         # The hops the gateway cannot avoid, at the same rate: metering's authorize as the
         # load generator sees it (its spool commit is measured below, on the gateway's disk).
-        phases.append(Phase("metering authorize", metering_port, False, args.seconds, args.rate, args.connections,
-                            authorize=True))
+        phases.append(Phase("metering authorize", metering_port, [authorize_request(k) for k in keys], args.seconds,
+                            args.rate, args.connections))
 
-        ctx = multiprocessing.get_context("spawn")
-        commands, results = ctx.Queue(), ctx.Queue()
-        load = ctx.Process(target=_load_process, args=(phases, keys, commands, results))
-        load.start()
         outcomes: dict[str, list[Outcome]] = {}
         spent: dict[str, dict[str, float]] = {}  # per phase: CPU seconds per process, hop seconds
         gateway_metrics = f"http://127.0.0.1:{gateway_port}/metrics"
-        for phase in phases:
-            before = _counters(servers := {"gateway": gateway, "metering": procs[0], "upstream-sim": procs[1]},
-                               gateway_metrics)
-            commands.put(phase.name)
-            outcome = results.get()
-            if not phase.name.startswith("warm"):
-                outcomes.setdefault(phase.name, []).append(outcome)
-                after = _counters(servers, gateway_metrics)
-                totals = spent.setdefault(phase.name, {})
-                for name, value in after.items():
-                    totals[name] = totals.get(name, 0.0) + value - before[name]
-            print(f"  {phase.name:18s} {outcome.requests:>7,} calls  {outcome.errors} errors", flush=True)
-        load.join()
+        servers = {"gateway": gateway, "metering": procs[0], "upstream-sim": procs[1]}
+        with LoadGenerator() as load:
+            for phase in phases:
+                before = _counters(servers, gateway_metrics)
+                outcome = load.run(phase)
+                if not phase.name.startswith("warm"):
+                    outcomes.setdefault(phase.name, []).append(outcome)
+                    after = _counters(servers, gateway_metrics)
+                    totals = spent.setdefault(phase.name, {})
+                    for name, value in after.items():
+                        totals[name] = totals.get(name, 0.0) + value - before[name]
+                print(f"  {phase.name:18s} {outcome.requests:>7,} calls  {outcome.errors} errors", flush=True)
         commit = _commit_latency(work / "gateway" / "commit-probe.sqlite")
         time.sleep(2)  # the sender drains the spool
         spooled = _metric(gateway_metrics, "tollhouse_gateway_events_spooled_total")
@@ -392,7 +257,7 @@ def run(args: argparse.Namespace, work: Path, bootstrap: str) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    figures = {name: _summary(o) for name, o in outcomes.items()}
+    figures = {name: summary(o) for name, o in outcomes.items()}
     for name, f in figures.items():
         calls = max(1, f["requests"])
         used = spent[name]
@@ -437,6 +302,8 @@ def run(args: argparse.Namespace, work: Path, bootstrap: str) -> None:
     print(f"the hops in it, at the same rate: metering authorize p50 {result['authorize_direct']['p50_ms']:.2f} ms"
           f" p99 {result['authorize_direct']['p99_ms']:.2f} ms; one spool commit (fsync) p50 {commit['p50_ms']:.2f} ms"
           f" p99 {commit['p99_ms']:.2f} ms")
+    late = max(f.get("dispatch_late_p99_ms", 0.0) for f in figures.values())
+    print(f"the load generator sent its requests at most {late:.3f} ms late (p99 of any steady phase)")
     print(f"usage events: {spooled:,.0f} spooled, {sent:,.0f} sent to the broker, "
           f"for {served:,.0f} gateway requests")
     out = Path(__file__).resolve().parent / "results"
