@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import re
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -41,7 +40,6 @@ log = structlog.get_logger("tollhouse.gateway")
 
 READY_TIMEOUT_SECONDS = 2.0
 DRAIN_ON_STOP_SECONDS = 5.0
-GIL_SWITCH_SECONDS = 0.0005
 METHOD_NOT_ALLOWED = ErrorKind(405, Canonical.INVALID_ARGUMENT, "method_not_allowed", "invalid_request_error")
 
 
@@ -327,10 +325,6 @@ async def run_gateway(settings: Settings, *, host: str = "127.0.0.1", port: int 
                                         ("GATEWAY_TOKEN", settings.gateway_token)) if not value]
     if missing:
         raise SystemExit("\n".join(f"setting TOLLHOUSE_{name}: required to run the gateway" for name in missing))
-    # The spool's SQLite thread needs the GIL back after every statement; a busy event loop
-    # would hold it for the default 5 ms switch interval each time, and every call waits
-    # for that thread's commit.
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     stop = stop or asyncio.Event()
     stop_on_signals(stop)
     server = uvicorn.Server(uvicorn.Config(

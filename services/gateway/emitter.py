@@ -1,7 +1,10 @@
 """Usage events out of the gateway: spool first, then Kafka.
 
-``emit`` returns once the event is durable in the local spool; a sender task drains the
-spool in order to ``USAGE_TOPIC`` (message key = ``account_id``, ``acks=all``) and deletes
+A call's event goes through the spool's hold (see ``Spool``): ``hold`` starts spooling
+the call's fallback event as the call goes upstream, ``settle`` puts the call's event in
+its place when it ends, ``release`` forgets it when the call never reached upstream.
+``emit`` spools an event with nothing held before (a Batch API job's) and returns once it
+is durable. A sender task drains the spool in order to ``USAGE_TOPIC`` (message key = ``account_id``, ``acks=all``) and deletes
 rows only after the broker acknowledged them. While Kafka is unreachable the sender
 retries with backoff and events wait in the spool; a restart sends what the spool holds.
 A row may reach Kafka twice (an ack lost in a broker crash); metering counts an event id
@@ -12,14 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
 
 from services.contracts.events import UsageEvent, encode_event
 from services.gateway import metrics
-from services.gateway.spool import Spool, SpooledEvent
+from services.gateway.spool import Spool, SpooledEvent, SpoolError
 from services.settings import Settings
 
 log = structlog.get_logger("tollhouse.gateway.emitter")
@@ -78,10 +83,48 @@ class Emitter:
         await self.spool.append(event.data.account_id.encode(), encode_event(event))
         self._spooled(event)
 
-    def emit_detached(self, event: UsageEvent) -> asyncio.Task:
-        """``emit`` in a task of its own, for paths that are being cancelled (a client that
-        went away): the event is spooled even so, and shutdown waits for it."""
-        task = asyncio.get_running_loop().create_task(self.emit(event), name="emit-detached")
+    def hold(self, fallback: UsageEvent) -> "Held":
+        """Start spooling a call's fallback event (what the call is billed as if this
+        process dies before it ends); the call goes on meanwhile."""
+        task = asyncio.get_running_loop().create_task(
+            self.spool.hold(fallback.data.account_id.encode(), encode_event(fallback)), name="spool-hold")
+        task.add_done_callback(_retrieve)
+        return Held(fallback, task)
+
+    async def settle(self, held: "Held", event: UsageEvent) -> None:
+        """Spool the call's event in place of its fallback. If the fallback could not be
+        spooled, the event is spooled on its own, durably (``SpoolError`` if that fails
+        too: the call cannot be metered). If only the replacement fails, the fallback
+        stays held and is billed when the gateway next starts."""
+        assert not held.finished, "a call's event is settled once"
+        held.finished = True
+        try:
+            seq = await asyncio.shield(held.task)
+        except SpoolError:
+            await self.emit(event)
+            return
+        try:
+            await self.spool.settle(seq, event.data.account_id.encode(), encode_event(event))
+        except SpoolError as exc:
+            log.error("usage_event_left_as_fallback", error=str(exc), event_id=held.fallback.id,
+                      account_id=event.data.account_id)
+            return
+        self._spooled(event)
+
+    async def release(self, held: "Held") -> None:
+        """Forget a call's fallback: the call never reached upstream, nothing is billed."""
+        held.finished = True
+        try:
+            seq = await asyncio.shield(held.task)
+        except SpoolError:
+            return
+        await self.spool.drop(seq)
+
+    def detached(self, spooling: Coroutine[Any, Any, None]) -> asyncio.Task:
+        """Run ``emit`` or ``settle`` in a task of its own, for paths that are being
+        cancelled (a client that went away): the event is spooled even so, and shutdown
+        waits for it."""
+        task = asyncio.get_running_loop().create_task(spooling, name="emit-detached")
         self._detached.add(task)
         task.add_done_callback(self._detached_done)
         return task
@@ -106,6 +149,8 @@ class Emitter:
     # The sender
 
     async def start(self) -> "Emitter":
+        if self.spool.released_on_open:
+            log.warning("held_calls_billed_as_fallback", events=self.spool.released_on_open)
         self._task = asyncio.create_task(self._run(), name="usage-sender")
         return self
 
@@ -115,7 +160,7 @@ class Emitter:
         if self._detached:
             await asyncio.gather(*list(self._detached), return_exceptions=True)
         deadline = time.monotonic() + drain_seconds
-        while self.spool.events and self.connected and time.monotonic() < deadline:
+        while self.spool.sendable and self.connected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self._stopping.set()
         self._wake.set()
@@ -137,7 +182,7 @@ class Emitter:
                 continue
             if not rows:
                 self._wake.clear()
-                if self.spool.events:  # appended between the read and the clear
+                if self.spool.sendable:  # stored between the read and the clear
                     continue
                 try:
                     await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
@@ -219,6 +264,20 @@ class Emitter:
             await asyncio.wait_for(self._stopping.wait(), seconds)
         except asyncio.TimeoutError:
             pass
+
+
+@dataclass(slots=True)
+class Held:
+    """A call's fallback event, being spooled or spooled and held (see ``Emitter.hold``)."""
+
+    fallback: UsageEvent
+    task: asyncio.Task  # the spool row, once held
+    finished: bool = False  # settled or released
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _stop_quietly(producer: AIOKafkaProducer) -> None:

@@ -6,6 +6,11 @@ call's reply ends: ``ok`` with upstream's ``usage``; ``error`` when upstream fai
 broke off or its client went away. A call that never reached upstream (refused, upstream
 unreachable) yields none. When metering cannot answer, or the spool is full, the call is
 refused with 503: the gateway never serves a call it cannot meter.
+
+An inference call's fallback event (``cancelled``, the prompt estimate) is held in the
+spool while the call goes upstream (its fsync overlaps the upstream request); the call's
+own event replaces it at the end. A gateway that dies in between bills the fallback when
+it starts again, rather than nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from services.contracts.errors import ErrorKind, TollhouseError, error_body
 from services.contracts.events import UsageEvent, build_usage_event
 from services.gateway import metrics
 from services.gateway.batches import TERMINAL_STATUS, BatchTracker, MultipartError, parse_multipart
-from services.gateway.emitter import Emitter
+from services.gateway.emitter import Emitter, Held
 from services.gateway.http_client import ConnectFailed, HTTPClient, HTTPError
 from services.gateway.http_client import Response as UpstreamReply
 from services.gateway.metering_client import Authorization, KeyModels, MeteringClient, MeteringUnavailable
@@ -215,6 +220,7 @@ class Call:
     inputs: int
     kind: str = "request"
     started: float = 0.0
+    held: Held | None = None  # the call's fallback event in the spool
 
 
 class Proxy:
@@ -290,11 +296,29 @@ class Proxy:
         """Spool the call's usage event; if that fails the reply is withheld (503)."""
         event = self.usage_event(call, usage, status=status, estimated=estimated, request_id=request_id)
         try:
-            await self.emitter.emit(event)
+            await self.record(call, event)
         except SpoolError as exc:
             log.error("usage_event_not_spooled", error=str(exc), account_id=call.auth.account_id)
             raise TollhouseError(errors.UNAVAILABLE,
                                  "The gateway could not record usage for this call. Retry shortly.") from None
+
+    def hold(self, call: Call) -> None:
+        """Start holding the call's fallback event, as it goes upstream."""
+        fallback = self.usage_event(call, estimated_usage(call.prompt_estimate, 0), status="cancelled",
+                                    estimated=True)
+        call.held = self.emitter.hold(fallback)
+
+    async def record(self, call: Call, event: UsageEvent) -> None:
+        """Spool the call's event: in place of its fallback if one is held."""
+        if call.held is None:
+            await self.emitter.emit(event)
+        else:
+            await self.emitter.settle(call.held, event)
+
+    def _bill_fallback(self, call: Call) -> None:
+        """The call ended without an event of its own (an error of the gateway's): bill its fallback."""
+        if call.held is not None and not call.held.finished:
+            self.emitter.detached(self.emitter.settle(call.held, call.held.fallback))
 
     # Inference: chat completions, completions, embeddings
 
@@ -320,13 +344,18 @@ class Proxy:
         auth = await self.authorize(request, api_key, model, reserve)
         call = Call(endpoint, model, auth, prompt_estimate, count_inputs(endpoint, body), started=time.perf_counter())
         headers = _forward_headers(request, **{"content-type": "application/json"})
-        if stream:
-            wants_usage = bool(options) and options.get("include_usage") is True
-            if not wants_usage:  # always ask upstream for usage; the chunk is dropped again below
-                body["stream_options"] = {**(options or {}), "include_usage": True}
-                raw = orjson.dumps(body)
-            return await self._stream(call, raw, headers, wants_usage)
-        return await self._unary(call, raw, headers)
+        self.hold(call)
+        try:
+            if stream:
+                wants_usage = bool(options) and options.get("include_usage") is True
+                if not wants_usage:  # always ask upstream for usage; the chunk is dropped again below
+                    body["stream_options"] = {**(options or {}), "include_usage": True}
+                    raw = orjson.dumps(body)
+                return await self._stream(call, raw, headers, wants_usage)
+            return await self._unary(call, raw, headers)
+        except BaseException:
+            self._bill_fallback(call)
+            raise
 
     async def _unary(self, call: Call, raw: bytes, headers: dict[str, str]) -> Response:
         path = call.endpoint.removeprefix("/v1/")
@@ -360,6 +389,8 @@ class Proxy:
         log.warning("upstream_failed", endpoint=call.endpoint, error=repr(exc))
         if not _never_sent(exc):
             await self.meter(call, ZERO, status="error")
+        elif call.held is not None:
+            await self.emitter.release(call.held)
         return _unreachable(exc)
 
     async def _stream(self, call: Call, raw: bytes, headers: dict[str, str], wants_usage: bool) -> Response:
@@ -728,7 +759,7 @@ class MeteredStream(Response):
                                                                  if self.meter.done else 0.0))
             if not self.metered:  # the client went away (or the pump failed): bill what was streamed
                 self.metered = True
-                task = self.proxy.emitter.emit_detached(self._event(client_gone=True))
+                task = self.proxy.emitter.detached(self.proxy.record(self.call, self._event(client_gone=True)))
                 try:
                     await asyncio.shield(task)
                 except (asyncio.CancelledError, Exception):
@@ -766,7 +797,7 @@ class MeteredStream(Response):
 
     async def _spool(self) -> None:
         self.metered = True
-        await self.proxy.emitter.emit(self._event(client_gone=False))
+        await self.proxy.record(self.call, self._event(client_gone=False))
 
     async def _pump(self, send: Send) -> None:
         meter, parser = self.meter, self.parser
