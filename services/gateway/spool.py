@@ -277,10 +277,17 @@ class Spool:
         row (for ``settle`` or ``drop``) once it is on disk."""
         return await self._call(self._insert, key, value, True, durable=True)
 
+    def _autocommit(self, statement: str, params: tuple) -> sqlite3.Cursor:
+        """One statement, its own transaction (one call into SQLite instead of three)."""
+        try:
+            cursor = self._connection().execute(statement, params)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool write failed: {exc}") from exc
+        self._committed()
+        return cursor
+
     def _insert(self, key: bytes, value: bytes, held: bool) -> int:
-        conn = self._connection()
-        with _transaction(conn, self._committed):
-            seq = conn.execute("INSERT INTO events (key, value, held) VALUES (?, ?, ?)", (key, value, held)).lastrowid
+        seq = self._autocommit("INSERT INTO events (key, value, held) VALUES (?, ?, ?)", (key, value, held)).lastrowid
         self.events += 1
         self.bytes += len(key) + len(value)
         if held:
@@ -302,12 +309,10 @@ class Spool:
     def _release(self, seq: int, key: bytes | None, value: bytes | None) -> None:
         if seq not in self._held_sizes:
             raise SpoolError(f"spool row {seq} is not held (settled or dropped before)")
-        conn = self._connection()
-        with _transaction(conn, self._committed):
-            if key is None or value is None:
-                conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
-            else:
-                conn.execute("UPDATE events SET key = ?, value = ?, held = 0 WHERE seq = ?", (key, value, seq))
+        if key is None or value is None:
+            self._autocommit("DELETE FROM events WHERE seq = ?", (seq,))
+        else:
+            self._autocommit("UPDATE events SET key = ?, value = ?, held = 0 WHERE seq = ?", (key, value, seq))
         self.held -= 1
         self.bytes -= self._held_sizes.pop(seq)
         if key is None or value is None:
