@@ -45,7 +45,7 @@ from services.metering.consumer.topics import ensure_topics  # noqa: E402
 from services.metering.consumer.worker import UsageConsumer  # noqa: E402
 from services.metering.store.migrate import upgrade_to_head  # noqa: E402
 from services.runtime import ensure_database, settle_heap  # noqa: E402
-from services.settings import load_settings  # noqa: E402
+from services.settings import Settings, load_settings  # noqa: E402
 
 NANO = 10**9
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-3.5-turbo")
@@ -274,7 +274,7 @@ async def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--rate", type=int, default=5_000)
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--batch", type=int, default=5_000)
+    parser.add_argument("--batch", type=int, default=Settings.model_fields["consumer_batch_max"].default)
     parser.add_argument("--latency-only", action="store_true", help="skip the throughput and baseline phases")
     parser.add_argument("--consumers", type=int, default=1,
                         help="for the sustained rate: 1 in-process consumer, or N `tollhouse metering --no-api` processes")

@@ -62,8 +62,10 @@ class Settings(BaseSettings):
     """Use Kafka's idempotent producer for usage events (gateway) and the outbox relay (metering)."""
 
     # Limits: every queue, batch and body has one.
-    consumer_batch_max: int = Field(default=5_000, ge=1, le=100_000)
-    """Most usage messages booked in one consumer batch (one database transaction)."""
+    consumer_batch_max: int = Field(default=50_000, ge=1, le=100_000)
+    """Most usage messages booked in one consumer batch (one database transaction). Batches only grow this large
+    while a backlog is booked; larger ones write fewer projection rows per event (one per key and period in the
+    batch), but hold the accounts' locks longer (a top-up waits for the batch it meets)."""
     consumer_poll_ms: int = Field(default=50, ge=1, le=10_000)
     """Longest wait of one consumer poll for new messages, in milliseconds."""
     consumer_fetch_wait_ms: int = Field(default=20, ge=1, le=10_000)
