@@ -28,8 +28,9 @@ def topup(url: str, account_id: str, amount: int, reference: str) -> None:
         conn.execute("SELECT 1 FROM account_balances WHERE account_id = %s FOR UPDATE", (account_id,))
         conn.execute(
             "INSERT INTO ledger_entries (entry_type, account_id, reference, event_time, local_day, balance_delta)"
-            " VALUES ('topup', %s, %s, now(), current_date, %s)",
-            (account_id, reference, amount),
+            " SELECT 'topup', account_id, %s, now(), (now() AT TIME ZONE timezone)::date, %s"
+            " FROM accounts WHERE account_id = %s",
+            (reference, amount, account_id),
         )
         conn.execute(
             "UPDATE account_balances SET balance = balance + %s, topups_total = topups_total + %s,"
@@ -50,8 +51,9 @@ def create_package(url: str, account_id: str, package_id: str, tokens: int, vali
         conn.execute("INSERT INTO package_balances (package_id, account_id) VALUES (%s, %s)", (package_id, account_id))
         conn.execute(
             "INSERT INTO ledger_entries (entry_type, account_id, package_id, event_time, local_day, package_tokens)"
-            " VALUES ('package_grant', %s, %s, now(), current_date, %s)",
-            (account_id, package_id, tokens),
+            " SELECT 'package_grant', account_id, %s, now(), (now() AT TIME ZONE timezone)::date, %s"
+            " FROM accounts WHERE account_id = %s",
+            (package_id, tokens, account_id),
         )
 
 
