@@ -28,6 +28,11 @@ PRODUCE_TO_COMMIT_SECONDS = Histogram(
 CONSUMER_LAG = Gauge("tollhouse_consumer_lag", "Messages behind the partition end", ["partition"])
 CONSUMER_PARTITIONS = Gauge("tollhouse_consumer_partitions", "Usage-topic partitions assigned to this consumer")
 BATCHES_FENCED = Counter("tollhouse_batches_fenced_total", "Batches rolled back: partition owned by another consumer")
+OFFSET_GAPS = Counter("tollhouse_consumer_offset_gaps_total",
+                      "Fetches that started past the stored offset, by outcome (reread, or skipped after rereads)",
+                      ["outcome"])
+OFFSETS_SKIPPED = Counter("tollhouse_consumer_offsets_skipped_total",
+                          "Offsets absent from the log (retention, control records) stepped over after rereads")
 OUTBOX_PUBLISHED = Counter("tollhouse_outbox_published_total", "Outbox messages published", ["topic"])
 
 # POST /v1/authorize: the in-memory decision (with a snapshot load on a cache miss).

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from services.contracts.events import build_usage_event, encode_event
+from services.metering.consumer.worker import GAP_REREADS, UsageConsumer
 from services.metering.store.ingest import IngestBatch, Fenced, connect, stored_offset
 from services.metering.store.projections import rebuild_projections, snapshot_projections
 from tests.support import seed
@@ -177,6 +178,56 @@ async def test_two_consumers_in_one_group_one_leaves_mid_run(database_url, broke
     assert_ledger(url, total, charge, tokens)
     assert "partitions_assigned" in log_b.read_text()  # b really took part
     assert log_a.read_text().count("partitions_assigned") >= 2  # a took over after b left
+
+
+class _FetcherJumpsAhead(UsageConsumer):
+    """Each time the consumer seeks a partition to offset 0, its fetcher lands ``hole``
+    messages further on, behind the consumer's back: what a broker that shows later
+    messages before earlier ones (``times=1``), or a log that no longer holds its first
+    offsets (every time), does to a fetch."""
+
+    def __init__(self, *args, hole: int, times: int) -> None:
+        super().__init__(*args)
+        self.hole, self.jumps_left, self.seeks_to_zero = hole, times, 0
+
+    def _seek(self, tp, offset: int) -> None:
+        super()._seek(tp, offset)
+        if offset == 0:
+            self.seeks_to_zero += 1
+            if self.jumps_left > 0:
+                self.jumps_left -= 1
+                self._consumer.seek(tp, self.hole)
+
+
+@pytest.mark.parametrize(("times", "booked_from"), [(1, 0), (1_000, 7)], ids=["transient", "persistent"])
+async def test_a_fetch_that_starts_past_the_stored_offset_is_read_again(
+    database_url, broker, topic_names, times, booked_from
+) -> None:
+    url = database_url
+    keys = seed_world(url, accounts=2, keys_per_account=2)
+    settings = metering_settings(url, broker.bootstrap_servers, topic_names, topic_partitions=1)
+    await create_topics(settings)
+    total = 40
+    messages, charge, tokens = make_events(keys, total, 5, "gap")
+    await produce(broker.bootstrap_servers, settings.usage_topic, messages)
+
+    consumer = _FetcherJumpsAhead(settings, url, hole=7, times=times)
+    await consume_until(settings, url, lambda c: c.totals.received >= total - booked_from, timeout=60,
+                        consumer=consumer)
+    assert consumer.totals.received == consumer.totals.accepted == total - booked_from
+    assert stored_offsets_of(url, settings) == {0: total}
+    if booked_from == 0:  # read again from offset 0: every event booked once
+        assert consumer.seeks_to_zero == 2
+        assert_ledger(url, total, charge, tokens)
+    else:  # the hole never fills: stepped over after the rereads, and only it
+        assert consumer.seeks_to_zero == 1 + GAP_REREADS
+        booked = seed.rows(url, "SELECT request_id FROM ledger_entries WHERE entry_type = 'usage'")
+        assert sorted(r[0] for r in booked) == sorted(f"gap-{i}" for i in range(booked_from, total))
+
+
+def stored_offsets_of(url: str, settings) -> dict[int, int]:
+    return dict(seed.rows(url, "SELECT topic_partition, next_offset FROM consumer_offsets WHERE topic = %s",
+                          settings.usage_topic))
 
 
 async def test_a_consumer_that_lost_its_partition_cannot_commit_over_the_new_owner(database_url) -> None:

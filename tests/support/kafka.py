@@ -63,9 +63,10 @@ async def read_topic(bootstrap: str, topic: str, expected: int, timeout: float =
     return out
 
 
-async def consume_until(settings: Settings, database_url: str, predicate, timeout: float = 120.0) -> UsageConsumer:
+async def consume_until(settings: Settings, database_url: str, predicate, timeout: float = 120.0, *,
+                        consumer: UsageConsumer | None = None) -> UsageConsumer:
     """Run one consumer in-process until ``predicate(consumer)`` holds, then stop it cleanly."""
-    consumer = UsageConsumer(settings, database_url)
+    consumer = consumer or UsageConsumer(settings, database_url)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     deadline = time.monotonic() + timeout

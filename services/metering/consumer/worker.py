@@ -13,6 +13,13 @@ takes it: under a steady load a message waits for at most the batch before it, n
 batch that was cut while that one was booked. Each seek of a partition bumps that partition's seek count;
 the messages of a partition read ahead under an older count are dropped (the seek has
 already pointed the fetcher back at them), so nothing is skipped or booked twice.
+
+Positions move under one lock: booking a batch, seeking to the stored offsets on
+assignment, and rewinding after a rollback never interleave, so a seek always reads what
+the last batch committed. A fetch that starts past the stored offset (a broker that made
+later messages visible before earlier ones), or that skips an offset, is not booked past
+the hole: the partition is read again from there, and only a hole that persists across
+rereads (offsets the log no longer holds) is stepped over, counted and logged.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ RETRY_MIN_SECONDS = 0.2
 RETRY_MAX_SECONDS = 10.0
 LAG_REPORT_SECONDS = 1.0
 DECODE_SLICE = 500
+GAP_REREADS = 3  # times a partition is read again before a gap in its offsets is accepted
 
 
 class _OffsetListener(ConsumerRebalanceListener):
@@ -49,9 +57,9 @@ class _OffsetListener(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self.worker.membership.rebalancing()
         # Let the batch in flight finish (its commit is fenced anyway), then forget them.
-        await self.worker.batch_idle.wait()
-        for tp in revoked:
-            self.worker.positions.pop(tp.partition, None)
+        async with self.worker.offsets_lock:
+            for tp in revoked:
+                self.worker.positions.pop(tp.partition, None)
         self.worker.membership.released(tp.partition for tp in revoked)
         if revoked:
             log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
@@ -62,6 +70,7 @@ class _OffsetListener(ConsumerRebalanceListener):
         except Exception as exc:  # the consumer's loop tries again (_take_up_missed)
             self.worker._drop_connection()
             self.worker.membership.failed(exc)
+            self.worker.missed.set()
             log.error("partitions_not_taken_up", partitions=sorted(tp.partition for tp in assigned), error=repr(exc))
             return
         self.worker.membership.joined(tp.partition for tp in assigned)
@@ -84,13 +93,15 @@ class UsageConsumer:
         )
         self.prices = PriceCache()
         self.positions: dict[int, int] = {}  # partition → next offset the database holds
-        self.batch_idle = asyncio.Event()
-        self.batch_idle.set()
+        # Held while positions move: booking a batch, seeking to stored offsets, rewinding.
+        self.offsets_lock = asyncio.Lock()
         self.assigned = asyncio.Event()
+        self.missed = asyncio.Event()  # the rebalance listener could not take up its partitions
         self.membership = GroupMembership(settings.consumer_group)
         # partition → how often it was sought: messages read ahead before a seek of their
         # partition may not follow on from the new position; the seek brings them again.
         self._seeks: dict[int, int] = {}
+        self._gaps: dict[int, tuple[int, int]] = {}  # partition → (stored offset, rereads) of a gap
         self._lag_reported_at = 0.0
         self._take_up_at = 0.0  # when to try again to take up partitions whose offsets were not read
         self._take_up_delay = RETRY_MIN_SECONDS
@@ -100,20 +111,24 @@ class UsageConsumer:
         self._conn: asyncpg.Connection | None = None
 
     async def _connection(self) -> asyncpg.Connection:
+        """The consumer's one connection; only used with ``offsets_lock`` held."""
         if self._conn is None or self._conn.is_closed():
             self._conn = await connect(self.database_url)
         return self._conn
 
-    async def seek_to_stored(self, partitions: list[TopicPartition]) -> None:
+    async def seek_to_stored(self, partitions: list[TopicPartition], *, unpositioned_only: bool = False) -> None:
         assert self._consumer is not None
-        if not partitions:
-            return
-        beginnings = await self._consumer.beginning_offsets(partitions)
-        conn = await self._connection()
-        for tp in partitions:
-            offset = await stored_offset(conn, self.config.group, tp.topic, tp.partition, beginnings[tp])
-            self._seek(tp, offset)
-            self.positions[tp.partition] = offset
+        async with self.offsets_lock:
+            if unpositioned_only:
+                partitions = [tp for tp in partitions if tp.partition not in self.positions]
+            if not partitions:
+                return
+            beginnings = await self._consumer.beginning_offsets(partitions)
+            conn = await self._connection()
+            for tp in partitions:
+                offset = await stored_offset(conn, self.config.group, tp.topic, tp.partition, beginnings[tp])
+                self._seek(tp, offset)
+                self.positions[tp.partition] = offset
         self.assigned.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -175,13 +190,14 @@ class UsageConsumer:
         aiokafka only logs what it raises): read them again, with backoff. Until then their
         messages are fetched but not booked, and /readyz reports the member out of its group."""
         assert self._consumer is not None
-        if time.monotonic() < self._take_up_at:
+        if not self.missed.is_set() or time.monotonic() < self._take_up_at:
             return
         missed = [tp for tp in self._consumer.assignment() if tp.partition not in self.positions]
         if not missed:
+            self.missed.clear()
             return
         try:
-            await self.seek_to_stored(missed)
+            await self.seek_to_stored(missed, unpositioned_only=True)
         except Exception as exc:
             self._drop_connection()
             self.membership.failed(exc)
@@ -191,6 +207,7 @@ class UsageConsumer:
             self._take_up_delay = min(self._take_up_delay * 2, RETRY_MAX_SECONDS)
             return
         self._take_up_delay = RETRY_MIN_SECONDS
+        self.missed.clear()
         self.membership.joined(tp.partition for tp in self._consumer.assignment())
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in missed), late=True)
 
@@ -229,6 +246,17 @@ class UsageConsumer:
             ahead.fail(exc)
 
     async def _book(self, fetched: "_Fetched") -> None:
+        async with self.offsets_lock:
+            booked = await self._book_positioned(fetched)
+        if booked is None:
+            return
+        moves, outcome = booked
+        await self._commit_to_kafka(moves)
+        for callback in self.on_commit:
+            callback(outcome)
+
+    async def _book_positioned(self, fetched: "_Fetched") -> tuple[dict[int, tuple[int, int]], BatchOutcome] | None:
+        """Book what follows on from each partition's stored offset; ``offsets_lock`` is held."""
         records: list[Record] = []
         moves: dict[int, tuple[int, int]] = {}
         produced_at: list[int] = []  # Kafka timestamp (ms) of each partition's oldest message
@@ -241,20 +269,25 @@ class UsageConsumer:
             fresh = [r for r in fetched.records[tp.partition] if r.offset >= expected]
             if not fresh:
                 continue
-            records += fresh
-            moves[tp.partition] = (expected, fresh[-1].offset + 1)
+            if fresh[0].offset > expected and not self._step_over_gap(tp, expected, fresh[0].offset):
+                continue
             first = messages[len(messages) - len(fresh)]
             if first.timestamp is not None and first.timestamp > 0:
                 produced_at.append(first.timestamp)
+            run = _contiguous(fresh)
+            if run < len(fresh):  # a hole inside the fetch: book up to it, read again from there
+                hole = fresh[run - 1].offset + 1
+                metrics.OFFSET_GAPS.labels("reread").inc()
+                log.warning("offset_gap", partition=tp.partition, expected=hole, first=fresh[run].offset, reread=0)
+                fresh = fresh[:run]
+                self._seek(tp, hole)
+            records += fresh
+            moves[tp.partition] = (expected, fresh[-1].offset + 1)
         if not moves:
-            return
-        self.batch_idle.clear()
+            return None
         started = time.perf_counter()
-        try:
-            conn = await self._connection()
-            outcome = await process_batch(conn, records, moves, self.config, self.prices)
-        finally:
-            self.batch_idle.set()
+        conn = await self._connection()
+        outcome = await process_batch(conn, records, moves, self.config, self.prices)
         committed_at = datetime.now(timezone.utc)
         for partition, (_, new) in moves.items():
             self.positions[partition] = new
@@ -263,9 +296,28 @@ class UsageConsumer:
         for timestamp in produced_at:
             metrics.PRODUCE_TO_COMMIT_SECONDS.observe(max(committed_ms - timestamp, 0) / 1000)
         self._report_lag()
-        await self._commit_to_kafka(moves)
-        for callback in self.on_commit:
-            callback(outcome)
+        return moves, outcome
+
+    def _step_over_gap(self, tp: TopicPartition, expected: int, first: int) -> bool:
+        """The fetch of a partition starts at ``first``, past its stored offset ``expected``.
+        Read the partition again from ``expected`` (False) up to GAP_REREADS times; a gap
+        still there after that is offsets the log does not hold (retention, control
+        records), and is stepped over (True)."""
+        stored, rereads = self._gaps.get(tp.partition, (expected, 0))
+        if stored != expected:
+            rereads = 0
+        if rereads < GAP_REREADS:
+            self._gaps[tp.partition] = (expected, rereads + 1)
+            metrics.OFFSET_GAPS.labels("reread").inc()
+            log.warning("offset_gap", partition=tp.partition, expected=expected, first=first, reread=rereads + 1)
+            self._seek(tp, expected)
+            return False
+        del self._gaps[tp.partition]
+        metrics.OFFSET_GAPS.labels("skipped").inc()
+        metrics.OFFSETS_SKIPPED.inc(first - expected)
+        log.error("offset_gap_skipped", partition=tp.partition, expected=expected, first=first,
+                  skipped=first - expected)
+        return True
 
     def _report_lag(self) -> None:
         """Lag of each owned partition: its end (as of the last fetch) minus the offset the
@@ -286,19 +338,20 @@ class UsageConsumer:
     async def _rewind(self, batch: dict[TopicPartition, list]) -> None:
         """After a rollback, read again from the offsets the database holds."""
         assert self._consumer is not None
-        try:
-            conn = await self._connection()
-            for tp in batch:
-                if tp in self._consumer.assignment():
-                    offset = await stored_offset(conn, self.config.group, tp.topic, tp.partition, 0)
-                    self.positions[tp.partition] = offset
-                    self._seek(tp, offset)
-        except Exception as exc:
-            self._drop_connection()
-            for tp in batch:
-                if tp.partition in self.positions and tp in self._consumer.assignment():
-                    self._seek(tp, self.positions[tp.partition])
-            log.error("rewind_failed", error=repr(exc))
+        async with self.offsets_lock:
+            try:
+                conn = await self._connection()
+                for tp in batch:
+                    if tp in self._consumer.assignment():
+                        offset = await stored_offset(conn, self.config.group, tp.topic, tp.partition, 0)
+                        self.positions[tp.partition] = offset
+                        self._seek(tp, offset)
+            except Exception as exc:
+                self._drop_connection()
+                for tp in batch:
+                    if tp.partition in self.positions and tp in self._consumer.assignment():
+                        self._seek(tp, self.positions[tp.partition])
+                log.error("rewind_failed", error=repr(exc))
 
     async def _commit_to_kafka(self, moves: dict[int, tuple[int, int]]) -> None:
         assert self._consumer is not None
@@ -395,6 +448,17 @@ class _NextBatch:
         """Wait until the booking loop takes the batch."""
         self._taken.clear()
         await self._taken.wait()
+
+
+def _contiguous(records: list[Record]) -> int:
+    """How many of ``records`` follow on from the first without a missing offset."""
+    start = records[0].offset
+    if records[-1].offset - start + 1 == len(records):  # offsets only ever increase
+        return len(records)
+    for i, record in enumerate(records):
+        if record.offset != start + i:
+            return i
+    return len(records)
 
 
 def _offset_ranges(batch: dict[TopicPartition, list]) -> dict[str, list[int]]:
