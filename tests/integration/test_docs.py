@@ -31,7 +31,6 @@ import io
 import os
 import re
 import shlex
-import subprocess
 import sys
 import unicodedata
 import uuid

@@ -9,6 +9,7 @@ model, price), then rating in partition order.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -200,51 +201,54 @@ async def process_batch(
             state_map[start] = state
 
         breaches: list[Breach] = []
-        ledger_rows: list[tuple] = []
-        event_rows: list[tuple] = []
         rollup: dict[tuple, list[int]] = {}
         charges: dict[str, int] = {}
-        for record, accepted, key, price in valid:
-            event, data, when = accepted.event, accepted.event.data, accepted.event_time
-            state = key_states[key.key_id]
-            rating = rate_usage(
-                Usage(event.id, when, data.kind == "batch", data.prompt_tokens, data.completion_tokens,
-                      data.total_tokens, data.cached_tokens),
-                account=accounts[key.account_id],
-                key=state,
-                package=packages.get(key.package_id) if key.billing_mode == PACKAGE and key.package_id else None,
-                price=price,
-                breaches=breaches,
-            )
-            event_rows.append((event.id, accepted.digest, data.account_id, event.source, when,
-                               record.partition, record.offset))
-            ledger_rows.append((
-                "usage", data.account_id, data.key_id, rating.package_id, event.id, event.source,
-                data.request_id, data.endpoint, data.model, data.kind, data.status, data.usage_estimated,
-                when, rating.local_day, data.inputs, data.prompt_tokens, data.completion_tokens,
-                data.total_tokens, data.cached_tokens, data.reasoning_tokens, rating.package_tokens,
-                rating.overage_tokens, rating.charge, rating.overage_charge, -rating.charge,
-                rating.price_id, data.reservation_id,
-            ))
-            if rating.charge:
-                charges[data.account_id] = charges.get(data.account_id, 0) + rating.charge
-            sums = rollup.get((data.key_id, data.model, rating.local_day))
-            if sums is None:
-                sums = rollup[(data.key_id, data.model, rating.local_day)] = [data.account_id] + [0] * 10
-            sums[1] += 1
-            sums[2] += data.inputs
-            sums[3] += data.prompt_tokens
-            sums[4] += data.completion_tokens
-            sums[5] += data.cached_tokens
-            sums[6] += data.reasoning_tokens
-            sums[7] += data.total_tokens
-            sums[8] += rating.package_tokens
-            sums[9] += rating.overage_tokens
-            sums[10] += rating.charge
-            outcome.event_times.append(when)
+        await uow.insert_usage_events([
+            (a.event.id, a.digest, a.event.data.account_id, a.event.source, a.event_time, r.partition, r.offset)
+            for r, a, _, _ in valid
+        ])
 
-        await uow.insert_usage_events(event_rows)
-        await uow.insert_ledger(ledger_rows)
+        def rated() -> Iterator[tuple]:
+            """The ledger rows, rated in partition order as the COPY takes them: PostgreSQL
+            writes the rows already sent while the next ones are rated."""
+            for record, accepted, key, price in valid:
+                event, data, when = accepted.event, accepted.event.data, accepted.event_time
+                rating = rate_usage(
+                    Usage(event.id, when, data.kind == "batch", data.prompt_tokens, data.completion_tokens,
+                          data.total_tokens, data.cached_tokens),
+                    account=accounts[key.account_id],
+                    key=key_states[key.key_id],
+                    package=packages.get(key.package_id) if key.billing_mode == PACKAGE and key.package_id else None,
+                    price=price,
+                    breaches=breaches,
+                )
+                if rating.charge:
+                    charges[data.account_id] = charges.get(data.account_id, 0) + rating.charge
+                sums = rollup.get((data.key_id, data.model, rating.local_day))
+                if sums is None:
+                    sums = rollup[(data.key_id, data.model, rating.local_day)] = [data.account_id] + [0] * 10
+                sums[1] += 1
+                sums[2] += data.inputs
+                sums[3] += data.prompt_tokens
+                sums[4] += data.completion_tokens
+                sums[5] += data.cached_tokens
+                sums[6] += data.reasoning_tokens
+                sums[7] += data.total_tokens
+                sums[8] += rating.package_tokens
+                sums[9] += rating.overage_tokens
+                sums[10] += rating.charge
+                outcome.event_times.append(when)
+                yield (
+                    "usage", data.account_id, data.key_id, rating.package_id, event.id, event.source,
+                    data.request_id, data.endpoint, data.model, data.kind, data.status, data.usage_estimated,
+                    when, rating.local_day, data.inputs, data.prompt_tokens, data.completion_tokens,
+                    data.total_tokens, data.cached_tokens, data.reasoning_tokens, rating.package_tokens,
+                    rating.overage_tokens, rating.charge, rating.overage_charge, -rating.charge,
+                    rating.price_id, data.reservation_id,
+                )
+
+        if valid:
+            await uow.insert_ledger(rated())
         await uow.save_accounts(accounts.values(), charges)
         await uow.save_packages(packages.values())
         await uow.save_spend([

@@ -20,7 +20,7 @@ from datetime import date, datetime
 import asyncpg
 
 from services.metering.domain.pricing import PriceBook, PriceRow
-from services.metering.domain.rating import AccountState, KeyState, PackageState, SpendState
+from services.metering.domain.rating import AccountState, PackageState, SpendState
 
 
 class Fenced(Exception):
@@ -232,7 +232,8 @@ class IngestBatch:
         if rows:
             await self.conn.copy_records_to_table("usage_events", records=rows, columns=USAGE_EVENT_COLUMNS)
 
-    async def insert_ledger(self, rows: list[tuple]) -> None:
+    async def insert_ledger(self, rows: Iterable[tuple]) -> None:
+        """``rows`` may be a generator: the COPY sends every 512 kB as it fills."""
         if rows:
             await self.conn.copy_records_to_table("ledger_entries", records=rows, columns=LEDGER_COLUMNS)
 
