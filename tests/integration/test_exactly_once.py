@@ -60,6 +60,18 @@ def make_events(keys: list[tuple[str, str]], count: int, seed_value: int, prefix
     return messages, charge, tokens
 
 
+async def produced_run(url: str, broker, topic_names: dict[str, str], *, accounts: int, keys_per_account: int,
+                       partitions: int, total: int, seed_value: int, prefix: str):
+    """Accounts, keys and topics, and ``total`` events produced to the usage topic; returns
+    the settings and the charge and tokens the events add up to."""
+    keys = seed_world(url, accounts=accounts, keys_per_account=keys_per_account)
+    settings = metering_settings(url, broker.bootstrap_servers, topic_names, topic_partitions=partitions)
+    await create_topics(settings)
+    messages, charge, tokens = make_events(keys, total, seed_value, prefix)
+    await produce(broker.bootstrap_servers, settings.usage_topic, messages)
+    return settings, charge, tokens
+
+
 def consumer_process(settings, url: str, log_path) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -108,12 +120,9 @@ def assert_ledger(url: str, count: int, charge: int, tokens: int) -> None:
 @pytest.mark.slow
 async def test_kill_9_at_several_points_then_redelivery_from_zero(database_url, broker, topic_names, tmp_path) -> None:
     url = database_url
-    keys = seed_world(url, accounts=40, keys_per_account=5)
-    settings = metering_settings(url, broker.bootstrap_servers, topic_names, topic_partitions=4)
-    await create_topics(settings)
     total = 30_000
-    messages, charge, tokens = make_events(keys, total, 7, "kill")
-    await produce(broker.bootstrap_servers, settings.usage_topic, messages)
+    settings, charge, tokens = await produced_run(url, broker, topic_names, accounts=40, keys_per_account=5,
+                                                  partitions=4, total=total, seed_value=7, prefix="kill")
 
     log = tmp_path / "consumer.log"
     kills = 0
@@ -153,12 +162,9 @@ async def test_kill_9_at_several_points_then_redelivery_from_zero(database_url, 
 @pytest.mark.slow
 async def test_two_consumers_in_one_group_one_leaves_mid_run(database_url, broker, topic_names, tmp_path) -> None:
     url = database_url
-    keys = seed_world(url, accounts=30, keys_per_account=3)
-    settings = metering_settings(url, broker.bootstrap_servers, topic_names, topic_partitions=4)
-    await create_topics(settings)
     total = 20_000
-    messages, charge, tokens = make_events(keys, total, 11, "pair")
-    await produce(broker.bootstrap_servers, settings.usage_topic, messages)
+    settings, charge, tokens = await produced_run(url, broker, topic_names, accounts=30, keys_per_account=3,
+                                                  partitions=4, total=total, seed_value=11, prefix="pair")
 
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
     a = consumer_process(settings, url, log_a)
@@ -204,18 +210,15 @@ async def test_a_fetch_that_starts_past_the_stored_offset_is_read_again(
     database_url, broker, topic_names, times, booked_from
 ) -> None:
     url = database_url
-    keys = seed_world(url, accounts=2, keys_per_account=2)
-    settings = metering_settings(url, broker.bootstrap_servers, topic_names, topic_partitions=1)
-    await create_topics(settings)
     total = 40
-    messages, charge, tokens = make_events(keys, total, 5, "gap")
-    await produce(broker.bootstrap_servers, settings.usage_topic, messages)
+    settings, charge, tokens = await produced_run(url, broker, topic_names, accounts=2, keys_per_account=2,
+                                                  partitions=1, total=total, seed_value=5, prefix="gap")
 
     consumer = _FetcherJumpsAhead(settings, url, hole=7, times=times)
     await consume_until(settings, url, lambda c: c.totals.received >= total - booked_from, timeout=60,
                         consumer=consumer)
     assert consumer.totals.received == consumer.totals.accepted == total - booked_from
-    assert stored_offsets_of(url, settings) == {0: total}
+    assert seed.stored_offsets(url, settings.consumer_group, settings.usage_topic) == {0: total}
     if booked_from == 0:  # read again from offset 0: every event booked once
         assert consumer.seeks_to_zero == 2
         assert_ledger(url, total, charge, tokens)
@@ -223,11 +226,6 @@ async def test_a_fetch_that_starts_past_the_stored_offset_is_read_again(
         assert consumer.seeks_to_zero == 1 + GAP_REREADS
         booked = seed.rows(url, "SELECT request_id FROM ledger_entries WHERE entry_type = 'usage'")
         assert sorted(r[0] for r in booked) == sorted(f"gap-{i}" for i in range(booked_from, total))
-
-
-def stored_offsets_of(url: str, settings) -> dict[int, int]:
-    return dict(seed.rows(url, "SELECT topic_partition, next_offset FROM consumer_offsets WHERE topic = %s",
-                          settings.usage_topic))
 
 
 async def test_a_consumer_that_lost_its_partition_cannot_commit_over_the_new_owner(database_url) -> None:

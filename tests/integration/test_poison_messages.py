@@ -301,13 +301,6 @@ def snapshot(url: str) -> dict[str, Any]:
     }
 
 
-def stored_offsets(url: str, settings: Settings) -> dict[int, int]:
-    return dict(seed.rows(
-        url, "SELECT topic_partition, next_offset FROM consumer_offsets WHERE group_id = %s AND topic = %s",
-        settings.consumer_group, settings.usage_topic,
-    ))
-
-
 def seed_reference_data(url: str, now: datetime) -> None:
     seed.add_price(url, MODEL, input_price=PRICE["input"], output_price=PRICE["output"],
                    cached_input_price=PRICE["cached"], per_request_fee=PRICE["fee"],
@@ -410,7 +403,8 @@ async def scenario(scenario_database: str, broker) -> Scenario:
         url=url, settings=settings, produced=produced, poison_at=poison_at, poison_event_id=poison_event_id,
         valid=valid, totals=consumer.totals,
         end_offsets=partition_ends(produced),
-        stored_offsets=stored_offsets(url, settings), dead_letters=dead_letters,
+        stored_offsets=seed.stored_offsets(url, settings.consumer_group, settings.usage_topic),
+        dead_letters=dead_letters,
         outbox_before_relay=outbox_before, outbox_after_relay=seed.scalar(url, "SELECT count(*) FROM outbox"),
         dlq_messages=dlq,
         db=db,
@@ -567,4 +561,4 @@ async def test_redelivered_poison_is_counted_as_duplicate_not_dead_lettered_agai
     assert stats == (stats_before[0] + total, stats_before[1], stats_before[2] + total, stats_before[3],
                      stats_before[4])
     # The new group's offsets moved to the end of every partition too.
-    assert stored_offsets(url, settings) == scenario.end_offsets
+    assert seed.stored_offsets(url, settings.consumer_group, settings.usage_topic) == scenario.end_offsets

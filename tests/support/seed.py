@@ -91,3 +91,11 @@ def scalar(url: str, sql: str, *params: object):
 def rows(url: str, sql: str, *params: object) -> list[tuple]:
     with psycopg.connect(url) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+def stored_offsets(url: str, group: str, topic: str) -> dict[int, int]:
+    """partition → the next offset the consumer group has stored for ``topic``."""
+    return dict(rows(
+        url, "SELECT topic_partition, next_offset FROM consumer_offsets WHERE group_id = %s AND topic = %s",
+        group, topic,
+    ))

@@ -70,7 +70,7 @@ class _OffsetListener(ConsumerRebalanceListener):
         except Exception as exc:  # the consumer's loop tries again (_take_up_missed)
             self.worker._drop_connection()
             self.worker.membership.failed(exc)
-            self.worker.missed.set()
+            self.worker.missed = True
             log.error("partitions_not_taken_up", partitions=sorted(tp.partition for tp in assigned), error=repr(exc))
             return
         self.worker.membership.joined(tp.partition for tp in assigned)
@@ -96,7 +96,7 @@ class UsageConsumer:
         # Held while positions move: booking a batch, seeking to stored offsets, rewinding.
         self.offsets_lock = asyncio.Lock()
         self.assigned = asyncio.Event()
-        self.missed = asyncio.Event()  # the rebalance listener could not take up its partitions
+        self.missed = False  # the rebalance listener could not take up its partitions
         self.membership = GroupMembership(settings.consumer_group)
         # partition → how often it was sought: messages read ahead before a seek of their
         # partition may not follow on from the new position; the seek brings them again.
@@ -190,11 +190,11 @@ class UsageConsumer:
         aiokafka only logs what it raises): read them again, with backoff. Until then their
         messages are fetched but not booked, and /readyz reports the member out of its group."""
         assert self._consumer is not None
-        if not self.missed.is_set() or time.monotonic() < self._take_up_at:
+        if not self.missed or time.monotonic() < self._take_up_at:
             return
         missed = [tp for tp in self._consumer.assignment() if tp.partition not in self.positions]
         if not missed:
-            self.missed.clear()
+            self.missed = False
             return
         try:
             await self.seek_to_stored(missed, unpositioned_only=True)
@@ -207,7 +207,7 @@ class UsageConsumer:
             self._take_up_delay = min(self._take_up_delay * 2, RETRY_MAX_SECONDS)
             return
         self._take_up_delay = RETRY_MIN_SECONDS
-        self.missed.clear()
+        self.missed = False
         self.membership.joined(tp.partition for tp in self._consumer.assignment())
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in missed), late=True)
 
@@ -276,11 +276,8 @@ class UsageConsumer:
                 produced_at.append(first.timestamp)
             run = _contiguous(fresh)
             if run < len(fresh):  # a hole inside the fetch: book up to it, read again from there
-                hole = fresh[run - 1].offset + 1
-                metrics.OFFSET_GAPS.labels("reread").inc()
-                log.warning("offset_gap", partition=tp.partition, expected=hole, first=fresh[run].offset, reread=0)
+                self._reread(tp, fresh[run - 1].offset + 1, fresh[run].offset, 0)
                 fresh = fresh[:run]
-                self._seek(tp, hole)
             records += fresh
             moves[tp.partition] = (expected, fresh[-1].offset + 1)
         if not moves:
@@ -308,9 +305,7 @@ class UsageConsumer:
             rereads = 0
         if rereads < GAP_REREADS:
             self._gaps[tp.partition] = (expected, rereads + 1)
-            metrics.OFFSET_GAPS.labels("reread").inc()
-            log.warning("offset_gap", partition=tp.partition, expected=expected, first=first, reread=rereads + 1)
-            self._seek(tp, expected)
+            self._reread(tp, expected, first, rereads + 1)
             return False
         del self._gaps[tp.partition]
         metrics.OFFSET_GAPS.labels("skipped").inc()
@@ -318,6 +313,12 @@ class UsageConsumer:
         log.error("offset_gap_skipped", partition=tp.partition, expected=expected, first=first,
                   skipped=first - expected)
         return True
+
+    def _reread(self, tp: TopicPartition, expected: int, first: int, reread: int) -> None:
+        """Point the fetcher back at ``expected``: the fetch went on at ``first``."""
+        metrics.OFFSET_GAPS.labels("reread").inc()
+        log.warning("offset_gap", partition=tp.partition, expected=expected, first=first, reread=reread)
+        self._seek(tp, expected)
 
     def _report_lag(self) -> None:
         """Lag of each owned partition: its end (as of the last fetch) minus the offset the
