@@ -33,7 +33,7 @@ from services.gateway.metering_client import MeteringClient, MeteringUnavailable
 from services.gateway.proxy import Proxy
 from services.gateway.spool import Spool
 from services.gateway.usage import CHAT, COMPLETIONS, EMBEDDINGS
-from services.runtime import stop_on_signals
+from services.runtime import settle_heap, stop_on_signals
 from services.settings import Settings
 
 log = structlog.get_logger("tollhouse.gateway")
@@ -335,6 +335,10 @@ async def run_gateway(settings: Settings, *, host: str = "127.0.0.1", port: int 
     ))
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # signals are ours (above)
     serving = asyncio.create_task(server.serve(), name="gateway-api")
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        settle_heap()  # after start-up: the app, its clients and the spool live as long as the process
     log.info("gateway_started", url=f"http://{host}:{port}", gateway_id=settings.gateway_id,
              upstream=settings.upstream_base_url, metering=settings.metering_url)
     waiting = asyncio.create_task(stop.wait())

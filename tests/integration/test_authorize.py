@@ -149,6 +149,9 @@ async def test_authorize_answers_errors_in_the_shape_of_every_route(settings, da
         too_big = await client.post("/v1/authorize", headers=GATEWAY,
                                     content=b'{"api_key": "' + b"x" * settings.max_request_bytes + b'"}')
         assert too_big.status_code == 413 and too_big.json()["code"] == 3
+        assert too_big.headers["connection"] == "close"  # the rest of the body is never read
+        odd_length = await client.post("/v1/authorize", headers={**GATEWAY, "Content-Length": "ten"}, content=b"{}")
+        assert odd_length.status_code == 400 and odd_length.json()["msg"] == "header Content-Length: not a number"
         not_json = await client.post("/v1/authorize", headers=GATEWAY, content=b"{not json")
         assert not_json.status_code == 400 and not_json.json()["msg"] == "body: not a valid JSON object"
         unknown_field = await client.post("/v1/authorize", headers=GATEWAY, json={**payload, "tokens": 1})
