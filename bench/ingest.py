@@ -9,7 +9,8 @@ Prints, in one run on this machine:
     the raw COPY rate of the same rows (usage_events + ledger_entries) into PostgreSQL;
   * the ratio of the pipeline to those baselines, and peak memory.
 
-Run:  python bench/ingest.py [--events 1000000] [--keys 10000] [--rate 5000] [--seconds 20] [--consumers N]
+Run:  python bench/ingest.py [--events 1000000] [--keys 10000] [--rate 5000] [--seconds 20]
+                             [--members N] [--consumers N]
 Starts its own embedded PostgreSQL and broker unless TOLLHOUSE_DATABASE_URL /
 TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS are set.
 """
@@ -42,7 +43,7 @@ from services.contracts.events import build_usage_event, encode_event, format_ti
 from services.local_services import LocalBroker, start_embedded_postgres  # noqa: E402
 from services.logging import configure_logging  # noqa: E402
 from services.metering.consumer.topics import ensure_topics  # noqa: E402
-from services.metering.consumer.worker import UsageConsumer  # noqa: E402
+from services.metering.consumer.worker import UsageConsumer, consumer_members  # noqa: E402
 from services.metering.store.migrate import upgrade_to_head  # noqa: E402
 from services.runtime import ensure_database, settle_heap  # noqa: E402
 from services.settings import Settings, load_settings  # noqa: E402
@@ -141,24 +142,25 @@ async def raw_consume_rate(bootstrap: str, topic: str, expected: int) -> float:
     return expected / elapsed
 
 
-async def pipeline_rate(settings, url: str, expected: int) -> tuple[float, UsageConsumer]:
+async def pipeline_rate(settings, url: str, expected: int) -> tuple[float, list[UsageConsumer]]:
+    """The rate of this process's consumer members (``consumer_members``), as `tollhouse
+    metering` runs them, from when all have their partitions to the last commit."""
     settle_heap()  # as `tollhouse metering` does once started
-    consumer = UsageConsumer(settings, url)
+    consumers = consumer_members(settings, url)
     stop = asyncio.Event()
-    first: list[float] = []
-    consumer.on_commit.append(lambda o: first or first.append(time.perf_counter()))
-    task = asyncio.create_task(consumer.run(stop))
+    tasks = [asyncio.create_task(c.run(stop)) for c in consumers]
     started = None
-    while consumer.totals.received < expected:
-        if started is None and consumer.assigned.is_set():
+    while sum(c.totals.received for c in consumers) < expected:
+        if started is None and all(c.assigned.is_set() for c in consumers):
             started = time.perf_counter()
-        if task.done():
-            task.result()
+        for task in tasks:
+            if task.done():
+                task.result()
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started
     stop.set()
-    await task
-    return expected / elapsed, consumer
+    await asyncio.gather(*tasks)
+    return expected / elapsed, consumers
 
 
 async def group_rate(settings, url: str, expected: int, consumers: int) -> float:
@@ -167,7 +169,8 @@ async def group_rate(settings, url: str, expected: int, consumers: int) -> float
     env = {**os.environ, "TOLLHOUSE_DATABASE_URL": url, "TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
            "TOLLHOUSE_USAGE_TOPIC": settings.usage_topic, "TOLLHOUSE_DLQ_TOPIC": settings.dlq_topic,
            "TOLLHOUSE_BREACH_TOPIC": settings.breach_topic, "TOLLHOUSE_CONSUMER_GROUP": settings.consumer_group,
-           "TOLLHOUSE_CONSUMER_BATCH_MAX": str(settings.consumer_batch_max), "TOLLHOUSE_LOG_LEVEL": "warning"}
+           "TOLLHOUSE_CONSUMER_BATCH_MAX": str(settings.consumer_batch_max),
+           "TOLLHOUSE_CONSUMER_MEMBERS": str(settings.consumer_members), "TOLLHOUSE_LOG_LEVEL": "warning"}
     procs = [subprocess.Popen([sys.executable, "-m", "services.cli", "metering", "--no-api"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(consumers)]
     conn = await asyncpg.connect(url)
@@ -241,17 +244,18 @@ def _steady_producer(bootstrap: str, topic: str, keys: list, rate: int, seconds:
 
 async def latency_at_rate(settings, url: str, keys: list, rate: int, seconds: float) -> dict:
     settle_heap()
-    consumer = UsageConsumer(settings, url)
+    consumers = consumer_members(settings, url)
     latencies: list[float] = []
 
     def record(outcome) -> None:
         committed = datetime.now(timezone.utc)
         latencies.extend((committed - t).total_seconds() for t in outcome.event_times)
 
-    consumer.on_commit.append(record)
     stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    while not consumer.assigned.is_set():
+    for consumer in consumers:
+        consumer.on_commit.append(record)
+    tasks = [asyncio.create_task(c.run(stop)) for c in consumers]
+    while not all(c.assigned.is_set() for c in consumers):
         await asyncio.sleep(0.05)
     proc = multiprocessing.get_context("spawn").Process(
         target=_steady_producer, args=(settings.kafka_bootstrap_servers, settings.usage_topic, keys, rate, seconds))
@@ -260,7 +264,7 @@ async def latency_at_rate(settings, url: str, keys: list, rate: int, seconds: fl
         await asyncio.sleep(0.1)
     await asyncio.sleep(2)
     stop.set()
-    await task
+    await asyncio.gather(*tasks)
     warm = latencies[len(latencies) // 20:]  # drop the first 5 % (connection warm-up)
     q = statistics.quantiles(warm, n=100)
     return {"events": len(latencies), "rate": rate, "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000,
@@ -277,7 +281,10 @@ async def main() -> None:
     parser.add_argument("--batch", type=int, default=Settings.model_fields["consumer_batch_max"].default)
     parser.add_argument("--latency-only", action="store_true", help="skip the throughput and baseline phases")
     parser.add_argument("--consumers", type=int, default=1,
-                        help="for the sustained rate: 1 in-process consumer, or N `tollhouse metering --no-api` processes")
+                        help="for the sustained rate: consume in this process (1), or in N"
+                             " `tollhouse metering --no-api` processes")
+    parser.add_argument("--members", type=int, default=Settings.model_fields["consumer_members"].default,
+                        help="consumer group members per consuming process (CONSUMER_MEMBERS)")
     args = parser.parse_args()
     configure_logging("console", "warning")
 
@@ -296,7 +303,8 @@ async def main() -> None:
         settings = load_settings(
             database_url=url, kafka_bootstrap_servers=bootstrap, usage_topic=f"bench-usage-{suffix}",
             dlq_topic=f"bench-dlq-{suffix}", breach_topic=f"bench-breach-{suffix}", consumer_group=f"bench-{suffix}",
-            topic_partitions=args.partitions, consumer_batch_max=args.batch, log_level="warning",
+            topic_partitions=args.partitions, consumer_batch_max=args.batch, consumer_members=args.members,
+            log_level="warning",
         )
         await ensure_topics(bootstrap, [settings.usage_topic, settings.dlq_topic, settings.breach_topic], args.partitions)
 
@@ -314,13 +322,14 @@ async def main() -> None:
         consume_rate = await raw_consume_rate(bootstrap, settings.usage_topic, args.events)
         print(f"  baseline raw consume: {consume_rate:,.0f} events/s", flush=True)
         if args.consumers == 1:
-            rate, consumer = await pipeline_rate(settings, url, args.events)
-            print(f"  pipeline sustained:   {rate:,.0f} events/s  (accepted {consumer.totals.accepted:,},"
-                  f" dead-lettered {consumer.totals.dead_lettered:,})", flush=True)
+            rate, consumers = await pipeline_rate(settings, url, args.events)
+            print(f"  pipeline sustained:   {rate:,.0f} events/s  ({args.members} consumer members; accepted"
+                  f" {sum(c.totals.accepted for c in consumers):,},"
+                  f" dead-lettered {sum(c.totals.dead_lettered for c in consumers):,})", flush=True)
         else:
             rate = await group_rate(settings, url, args.events, args.consumers)
-            print(f"  pipeline sustained:   {rate:,.0f} events/s  ({args.consumers} metering processes in one group)",
-                  flush=True)
+            print(f"  pipeline sustained:   {rate:,.0f} events/s  ({args.consumers} metering processes in one group,"
+                  f" {args.members} members each)", flush=True)
         copy_rate = await raw_copy_rate(url, args.events)
         print(f"  baseline raw COPY:    {copy_rate:,.0f} events/s (usage_events + ledger_entries rows)", flush=True)
 
@@ -332,7 +341,7 @@ async def main() -> None:
         result = {
             "when": format_time(datetime.now(timezone.utc)),
             "events": args.events, "keys": len(keys), "partitions": args.partitions, "batch_max": args.batch,
-            "consumers": args.consumers,
+            "consumers": args.consumers, "members": args.members,
             "pipeline_events_per_s": round(rate), "raw_consume_events_per_s": round(consume_rate),
             "raw_copy_events_per_s": round(copy_rate), "ratio_to_copy": round(rate / copy_rate, 3),
             "ratio_to_consume": round(rate / consume_rate, 3),

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     """Most usage messages booked in one consumer batch (one database transaction). Batches only grow this large
     while a backlog is booked; larger ones write fewer projection rows per event (one per key and period in the
     batch), but hold the accounts' locks longer (a top-up waits for the batch it meets)."""
+    consumer_members: int = Field(default=2, ge=1, le=64)
+    """Consumer group members each metering process runs, each with its own partitions, batches
+    and database connection: while one member's batch waits on PostgreSQL another's is rated,
+    so a process books faster with up to one member per partition it holds. Members beyond the
+    topic's partitions stand by."""
     consumer_poll_ms: int = Field(default=50, ge=1, le=10_000)
     """Longest wait of one consumer poll for new messages, in milliseconds."""
     consumer_fetch_wait_ms: int = Field(default=20, ge=1, le=10_000)

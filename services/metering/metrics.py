@@ -26,7 +26,8 @@ PRODUCE_TO_COMMIT_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 CONSUMER_LAG = Gauge("tollhouse_consumer_lag", "Messages behind the partition end", ["partition"])
-CONSUMER_PARTITIONS = Gauge("tollhouse_consumer_partitions", "Usage-topic partitions assigned to this consumer")
+CONSUMER_PARTITIONS = Gauge("tollhouse_consumer_partitions",
+                            "Usage-topic partitions assigned to this process's consumer members")
 BATCHES_FENCED = Counter("tollhouse_batches_fenced_total", "Batches rolled back: partition owned by another consumer")
 OFFSET_GAPS = Counter("tollhouse_consumer_offset_gaps_total",
                       "Fetches that started past the stored offset, by outcome (reread, or skipped after rereads)",

@@ -1,9 +1,10 @@
 """What ``GET /readyz`` checks: everything this metering process uses answers.
 
 Always the database. When the process runs the consumer (``tollhouse metering`` without
-``--no-consumer``) also the Kafka cluster and the consumer's place in its group. A process
-started with ``--no-consumer`` never talks to Kafka (replays go through the outbox, which
-the consuming replicas relay), so a Kafka outage does not make it unready.
+``--no-consumer``) also the Kafka cluster and the place of each of its consumer members in
+their group. A process started with ``--no-consumer`` never talks to Kafka (replays go
+through the outbox, which the consuming replicas relay), so a Kafka outage does not make it
+unready.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka.client import AIOKafkaClient
@@ -30,7 +31,7 @@ BROKER_CACHE_SECONDS = 1.0
 class ReadinessReport:
     checks: dict[str, str] = field(default_factory=dict)  # component → "ok", or what it does instead
     problems: list[str] = field(default_factory=list)  # one line per component that is not ready
-    partitions: list[int] | None = None  # the consumer's partitions, when it runs
+    partitions: list[int] | None = None  # the partitions of all its consumer members, when it runs them
 
 
 class BrokerProbe:
@@ -108,11 +109,11 @@ class Readiness:
         database_ready: Callable[[], Awaitable[object]],
         *,
         broker: BrokerProbe | None = None,
-        consumer: GroupMembership | None = None,
+        members: Sequence[GroupMembership] = (),
     ) -> None:
         self.database_ready = database_ready
         self.broker = broker
-        self.consumer = consumer
+        self.members = tuple(members)  # the consumer group members this process runs
 
     async def check(self, *, api_only: bool = False) -> ReadinessReport:
         """Everything this process runs; with ``api_only`` only what its API needs (the
@@ -132,14 +133,14 @@ class Readiness:
             report.checks["broker"] = "ok" if broker is None else "not ready"
             if broker:
                 report.problems.append(broker)
-        if self.consumer is None:
+        if not self.members:
             report.checks["consumer"] = "off"
         else:
-            consumer = self.consumer.problem()
-            report.checks["consumer"] = "ok" if consumer is None else "not ready"
-            report.partitions = list(self.consumer.partitions)
-            if consumer:
-                report.problems.append(consumer)
+            count = len(self.members)
+            problems = [(i, p) for i, p in enumerate((m.problem() for m in self.members), 1) if p is not None]
+            report.checks["consumer"] = "not ready" if problems else "ok"
+            report.partitions = sorted(p for m in self.members for p in m.partitions)
+            report.problems += [p if count == 1 else f"{p} (member {i} of {count})" for i, p in problems]
         return report
 
     async def _database_problem(self) -> str | None:

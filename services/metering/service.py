@@ -13,7 +13,7 @@ import structlog
 from services.metering.consumer.expiry import run_expiry_sweeper
 from services.metering.consumer.relay import OutboxRelay
 from services.metering.consumer.topics import ensure_topics
-from services.metering.consumer.worker import UsageConsumer
+from services.metering.consumer.worker import UsageConsumer, consumer_members
 from services.metering.readiness import BrokerProbe, Readiness
 from services.runtime import settle_heap, stop_on_signals
 from services.settings import Settings
@@ -35,7 +35,7 @@ async def run_metering(
     stop = stop or asyncio.Event()
     stop_on_signals(stop)
     tasks: list[asyncio.Task] = []
-    consumer = None
+    consumers: list[UsageConsumer] = []
     if consume:
         if not settings.kafka_bootstrap_servers:
             raise SystemExit("setting TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS: required to run the metering consumer")
@@ -47,11 +47,12 @@ async def run_metering(
         )
         if created:
             log.info("topics_created", topics=created, partitions=settings.topic_partitions)
-        consumer = UsageConsumer(settings, database_url)
+        consumers = consumer_members(settings, database_url)
         relay = OutboxRelay(settings, database_url)
-        consumer.on_commit.append(lambda outcome: relay.wake.set())
+        for consumer in consumers:
+            consumer.on_commit.append(lambda outcome: relay.wake.set())
+        tasks += [asyncio.create_task(c.run(stop), name=c.client_id) for c in consumers]
         tasks += [
-            asyncio.create_task(consumer.run(stop), name="consumer"),
             asyncio.create_task(relay.run(stop), name="outbox-relay"),
             asyncio.create_task(run_expiry_sweeper(settings, database_url, stop), name="expiry-sweeper"),
         ]
@@ -79,11 +80,10 @@ async def run_metering(
             routers=[authorize.router, models.router, quota.router, reconciliation.router, dead_letters.router],
         )
         app.state.authorizer = authorizer
-        app.state.consumer = consumer
-        if consumer is not None:  # only a consuming process uses Kafka (docs/operations.md)
+        if consumers:  # only a consuming process uses Kafka (docs/operations.md)
             broker_probe = BrokerProbe(settings.kafka_bootstrap_servers)
             app.state.readiness = Readiness(lambda: database_ready(engine), broker=broker_probe,
-                                            consumer=consumer.membership)
+                                            members=[c.membership for c in consumers])
         server = uvicorn.Server(
             uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
         )

@@ -7,6 +7,7 @@ leaves mid-run. After each, the ledger equals what was produced, to the nano-yua
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -72,7 +73,8 @@ async def produced_run(url: str, broker, topic_names: dict[str, str], *, account
     return settings, charge, tokens
 
 
-def consumer_process(settings, url: str, log_path) -> subprocess.Popen:
+def consumer_process(settings, url: str, log_path, *, members: int = 1) -> subprocess.Popen:
+    """``tollhouse metering --no-api`` running ``members`` consumer group members."""
     env = {
         **os.environ,
         "TOLLHOUSE_DATABASE_URL": url,
@@ -83,6 +85,7 @@ def consumer_process(settings, url: str, log_path) -> subprocess.Popen:
         "TOLLHOUSE_CONSUMER_GROUP": settings.consumer_group,
         "TOLLHOUSE_TOPIC_PARTITIONS": str(settings.topic_partitions),
         "TOLLHOUSE_CONSUMER_BATCH_MAX": "700",
+        "TOLLHOUSE_CONSUMER_MEMBERS": str(members),
         "TOLLHOUSE_LOG_FORMAT": "json",
     }
     return subprocess.Popen(
@@ -126,8 +129,9 @@ async def test_kill_9_at_several_points_then_redelivery_from_zero(database_url, 
 
     log = tmp_path / "consumer.log"
     kills = 0
-    for threshold in (2_000, 9_000, 17_000, 24_000):
-        proc = consumer_process(settings, url, log)
+    # A process of one member, and of two (each its own batches and transactions), both killed.
+    for threshold, members in ((2_000, 2), (9_000, 1), (17_000, 2), (24_000, 1)):
+        proc = consumer_process(settings, url, log, members=members)
         try:
             wait_for(lambda: ledger_count(url) >= threshold or proc.poll() is not None, 120, f"{threshold} entries")
             assert proc.poll() is None, log.read_text()[-3000:]
@@ -137,7 +141,7 @@ async def test_kill_9_at_several_points_then_redelivery_from_zero(database_url, 
             proc.wait(10)
         kills += 1
         assert ledger_count(url) < total, "the run finished before the kill; raise the event count"
-    proc = consumer_process(settings, url, log)
+    proc = consumer_process(settings, url, log, members=2)
     try:
         wait_for(lambda: ledger_count(url) >= total, 180, "the whole topic")
         time.sleep(0.5)  # anything further would be a double booking
@@ -145,6 +149,7 @@ async def test_kill_9_at_several_points_then_redelivery_from_zero(database_url, 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()[-3000:]
     assert kills == 4
+    assert {"tollhouse-metering", "tollhouse-metering-1", "tollhouse-metering-2"} <= set(assignments(log))
     assert_ledger(url, total, charge, tokens)
     stored = seed.scalar(url, "SELECT sum(next_offset) FROM consumer_offsets WHERE group_id = %s", settings.consumer_group)
     assert stored == total
@@ -167,7 +172,7 @@ async def test_two_consumers_in_one_group_one_leaves_mid_run(database_url, broke
                                                   partitions=4, total=total, seed_value=11, prefix="pair")
 
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    a = consumer_process(settings, url, log_a)
+    a = consumer_process(settings, url, log_a, members=2)  # three members in all, two in a
     b = consumer_process(settings, url, log_b)
     try:
         wait_for(lambda: ledger_count(url) >= 6_000, 120, "progress with two consumers")
@@ -182,8 +187,20 @@ async def test_two_consumers_in_one_group_one_leaves_mid_run(database_url, broke
                 proc.wait(30)
     assert ledger_count(url) == total
     assert_ledger(url, total, charge, tokens)
-    assert "partitions_assigned" in log_b.read_text()  # b really took part
-    assert log_a.read_text().count("partitions_assigned") >= 2  # a took over after b left
+    assert assignments(log_b)  # b really took part
+    held = assignments(log_a)
+    assert set(held) == {"tollhouse-metering-1", "tollhouse-metering-2"}  # both of a's members took part
+    assert sorted(p for member in held.values() for p in member[-1]) == [0, 1, 2, 3]  # and took over b's
+
+
+def assignments(log_path) -> dict[str, list[list[int]]]:
+    """Each consumer member's partition assignments, in order, from a process's JSON log."""
+    held: dict[str, list[list[int]]] = {}
+    for line in log_path.read_text().splitlines():
+        if '"partitions_assigned"' in line:
+            entry = json.loads(line)
+            held.setdefault(entry["consumer"], []).append(entry["partitions"])
+    return held
 
 
 class _FetcherJumpsAhead(UsageConsumer):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client import REGISTRY
+
 from services.metering.consumer.membership import REJOIN_GRACE_SECONDS, GroupMembership
 from services.metering.readiness import BrokerProbe, Readiness
 
@@ -58,6 +60,45 @@ def test_a_stopped_consumer_is_not_ready() -> None:
     assert membership.problem() is not None and membership.partitions == ()
 
 
+def test_the_partitions_gauge_counts_every_member_of_the_process() -> None:
+    def gauge() -> float:
+        return REGISTRY.get_sample_value("tollhouse_consumer_partitions")
+
+    before = gauge()
+    first, second = GroupMembership("g", clock=Clock()), GroupMembership("g", clock=Clock())
+    first.joined([0, 2])
+    second.joined([1])
+    assert gauge() == before + 3
+    first.rebalancing()
+    first.released([2])
+    second.joined([1, 3])
+    assert gauge() == before + 3
+    first.left()
+    assert gauge() == before + 2
+    second.left()
+    assert gauge() == before
+
+
+async def test_readiness_names_the_member_that_is_out_of_its_group() -> None:
+    async def database_up() -> None:
+        return None
+
+    clock = Clock()
+    first, second = GroupMembership("g", clock=clock), GroupMembership("g", clock=clock)
+    first.joined([3, 1])
+    second.joined([0])
+    members = Readiness(database_up, members=[first, second])
+    report = await members.check()
+    assert report.checks["consumer"] == "ok" and report.problems == [] and report.partitions == [0, 1, 3]
+    second.rebalancing()
+    second.failed(ConnectionError("database gone"))
+    report = await members.check()
+    assert report.checks["consumer"] == "not ready"
+    assert report.problems == ["consumer: out of consumer group g for 0 s (ConnectionError: database gone) (member 2 of 2)"]
+    first.left()
+    second.left()
+
+
 async def test_the_broker_probe_asks_at_most_once_per_cache_period() -> None:
     clock = Clock()
     probe = BrokerProbe("127.0.0.1:1", cache_seconds=1.0, clock=clock)
@@ -96,7 +137,7 @@ async def test_readiness_names_every_problem() -> None:
         return "broker: 127.0.0.1:1 unreachable (KafkaConnectionError)"
 
     probe.problem = broker_down  # type: ignore[method-assign]
-    report = await Readiness(database_down, broker=probe, consumer=membership).check()
+    report = await Readiness(database_down, broker=probe, members=[membership]).check()
     assert report.checks == {"database": "not ready", "broker": "not ready", "consumer": "not ready"}
     assert [p.split(":")[0] for p in report.problems] == ["database", "broker", "consumer"]
     assert report.partitions == []

@@ -115,9 +115,9 @@ class ReadyBody(BaseModel):
     status: str = Field(description="'ok'")
     database: str = Field(description="'ok'")
     broker: str = Field(description="'ok', or 'not used' when this process runs no consumer (--no-consumer)")
-    consumer: str = Field(description="'ok' (a member of the consumer group), or 'off' (--no-consumer)")
+    consumer: str = Field(description="'ok' (each consumer member in the group), or 'off' (--no-consumer)")
     partitions: list[int] | None = Field(
-        None, description="usage-topic partitions assigned to this consumer (may be empty: a standby member)"
+        None, description="usage-topic partitions assigned to this process's consumer members (may be empty: a standby)"
     )
 
 

@@ -93,7 +93,9 @@ class _Stats:
             row[column] += 1
 
     def rows(self) -> list[tuple]:
-        return [(s, *v) for s, v in self.by_source.items()]
+        # In source order: consumer members writing the same sources' rows at once lock
+        # them in one order, so they wait for each other but never deadlock.
+        return [(s, *self.by_source[s]) for s in sorted(self.by_source)]
 
 
 ACCEPTED, DUPLICATE, CONFLICT, DEAD = 1, 2, 3, 4

@@ -1,8 +1,9 @@
 """Where this consumer stands in its consumer group, as its rebalance listener sees it.
 
 Read by ``/readyz`` (has the consumer joined the group?) and kept in the partition gauges.
-A member with no partitions is a full member: with more replicas than partitions some
-replicas legitimately wait as standbys, and they take over when another one leaves.
+A member with no partitions is a full member: with more members than partitions some
+legitimately wait as standbys, and they take over when another one leaves. A process may
+run several members (``consumer_members``); the partitions gauge counts all of them.
 """
 
 from __future__ import annotations
@@ -34,18 +35,16 @@ class GroupMembership:
     def released(self, partitions: Iterable[int]) -> None:
         """These partitions are no longer this member's (after its batch in flight ended)."""
         gone = set(partitions)
-        self.partitions = tuple(p for p in self.partitions if p not in gone)
+        self._hold(tuple(p for p in self.partitions if p not in gone))
         for partition in gone:
             _forget_lag(partition)
-        metrics.CONSUMER_PARTITIONS.set(len(self.partitions))
 
     def joined(self, partitions: Iterable[int]) -> None:
         """A join completed and the assignment (possibly empty) is being consumed."""
-        self.partitions = tuple(sorted(partitions))
+        self._hold(tuple(sorted(partitions)))
         self.joined_at = self.clock()
         self.rebalancing_since = None
         self.error = None
-        metrics.CONSUMER_PARTITIONS.set(len(self.partitions))
 
     def failed(self, error: BaseException) -> None:
         """The assignment arrived but could not be taken up (its stored offsets were not read)."""
@@ -58,8 +57,12 @@ class GroupMembership:
         for partition in self.partitions:
             _forget_lag(partition)
         self.joined_at = self.rebalancing_since = None
-        self.partitions = ()
-        metrics.CONSUMER_PARTITIONS.set(0)
+        self._hold(())
+
+    def _hold(self, partitions: tuple[int, ...]) -> None:
+        # The gauge is the process's: it moves by this member's change, not to its count.
+        metrics.CONSUMER_PARTITIONS.inc(len(partitions) - len(self.partitions))
+        self.partitions = partitions
 
     def problem(self, grace_seconds: float = REJOIN_GRACE_SECONDS) -> str | None:
         """Why this member does not count as in its group, or None when it does."""

@@ -62,7 +62,7 @@ class _OffsetListener(ConsumerRebalanceListener):
                 self.worker.positions.pop(tp.partition, None)
         self.worker.membership.released(tp.partition for tp in revoked)
         if revoked:
-            log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
+            self.worker.log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         try:
@@ -71,11 +71,12 @@ class _OffsetListener(ConsumerRebalanceListener):
             self.worker._drop_connection()
             self.worker.membership.failed(exc)
             self.worker.missed = True
-            log.error("partitions_not_taken_up", partitions=sorted(tp.partition for tp in assigned), error=repr(exc))
+            self.worker.log.error("partitions_not_taken_up", partitions=sorted(tp.partition for tp in assigned),
+                                  error=repr(exc))
             return
         self.worker.membership.joined(tp.partition for tp in assigned)
         if assigned:
-            log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+            self.worker.log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
 class UsageConsumer:
@@ -83,6 +84,7 @@ class UsageConsumer:
         self.settings = settings
         self.database_url = database_url
         self.client_id = client_id
+        self.log = log.bind(consumer=client_id)  # a process may run several members
         self.config = BatchConfig(
             group=settings.consumer_group,
             topic=settings.usage_topic,
@@ -148,7 +150,7 @@ class UsageConsumer:
         self._consumer = consumer
         consumer.subscribe([self.config.topic], listener=_OffsetListener(self))
         await consumer.start()
-        log.info("consumer_started", topic=self.config.topic, group=self.config.group)
+        self.log.info("consumer_started", topic=self.config.topic, group=self.config.group)
         delay = RETRY_MIN_SECONDS
         # The next batch is fetched and decoded while the current one's SQL runs.
         ahead = _NextBatch()
@@ -170,9 +172,9 @@ class UsageConsumer:
                         await self._rewind(fetched.batch)
                         if isinstance(exc, Fenced):
                             metrics.BATCHES_FENCED.inc()
-                            log.warning("batch_fenced", partition=exc.partition, expected=exc.expected)
+                            self.log.warning("batch_fenced", partition=exc.partition, expected=exc.expected)
                         else:
-                            log.error("batch_failed", error=repr(exc), retry_in=delay)
+                            self.log.error("batch_failed", error=repr(exc), retry_in=delay)
                             await _sleep_unless(stop, delay)
                             delay = min(delay * 2, RETRY_MAX_SECONDS)
         finally:
@@ -182,7 +184,7 @@ class UsageConsumer:
             await consumer.stop()
             if self._conn is not None and not self._conn.is_closed():
                 await self._conn.close()
-            log.info("consumer_stopped")
+            self.log.info("consumer_stopped")
 
     async def _take_up_missed(self) -> None:
         """Partitions assigned whose stored offsets could not be read when they arrived (the
@@ -202,14 +204,14 @@ class UsageConsumer:
             self._drop_connection()
             self.membership.failed(exc)
             self._take_up_at = time.monotonic() + self._take_up_delay
-            log.error("partitions_not_taken_up", partitions=sorted(tp.partition for tp in missed),
+            self.log.error("partitions_not_taken_up", partitions=sorted(tp.partition for tp in missed),
                       error=repr(exc), retry_in=self._take_up_delay)
             self._take_up_delay = min(self._take_up_delay * 2, RETRY_MAX_SECONDS)
             return
         self._take_up_delay = RETRY_MIN_SECONDS
         self.missed = False
         self.membership.joined(tp.partition for tp in self._consumer.assignment())
-        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in missed), late=True)
+        self.log.info("partitions_assigned", partitions=sorted(tp.partition for tp in missed), late=True)
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -310,14 +312,14 @@ class UsageConsumer:
         del self._gaps[tp.partition]
         metrics.OFFSET_GAPS.labels("skipped").inc()
         metrics.OFFSETS_SKIPPED.inc(first - expected)
-        log.error("offset_gap_skipped", partition=tp.partition, expected=expected, first=first,
+        self.log.error("offset_gap_skipped", partition=tp.partition, expected=expected, first=first,
                   skipped=first - expected)
         return True
 
     def _reread(self, tp: TopicPartition, expected: int, first: int, reread: int) -> None:
         """Point the fetcher back at ``expected``: the fetch went on at ``first``."""
         metrics.OFFSET_GAPS.labels("reread").inc()
-        log.warning("offset_gap", partition=tp.partition, expected=expected, first=first, reread=reread)
+        self.log.warning("offset_gap", partition=tp.partition, expected=expected, first=first, reread=reread)
         self._seek(tp, expected)
 
     def _report_lag(self) -> None:
@@ -352,7 +354,7 @@ class UsageConsumer:
                 for tp in batch:
                     if tp.partition in self.positions and tp in self._consumer.assignment():
                         self._seek(tp, self.positions[tp.partition])
-                log.error("rewind_failed", error=repr(exc))
+                self.log.error("rewind_failed", error=repr(exc))
 
     async def _commit_to_kafka(self, moves: dict[int, tuple[int, int]]) -> None:
         assert self._consumer is not None
@@ -385,10 +387,18 @@ class UsageConsumer:
         metrics.BATCH_COMMIT_SECONDS.observe(seconds)
         if outcome.event_times:
             metrics.EVENT_TO_COMMIT_SECONDS.observe((committed_at - max(outcome.event_times)).total_seconds())
-        log.debug(
+        self.log.debug(
             "batch_committed", received=outcome.received, accepted=outcome.accepted,
             duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered, seconds=round(seconds, 4),
         )
+
+
+def consumer_members(settings: Settings, database_url: str) -> list[UsageConsumer]:
+    """The ``consumer_members`` group members of one metering process, each its own Kafka
+    client and database connection; the group spreads the partitions over all of them."""
+    count = settings.consumer_members
+    names = ["tollhouse-metering"] if count == 1 else [f"tollhouse-metering-{i}" for i in range(1, count + 1)]
+    return [UsageConsumer(settings, database_url, client_id=name) for name in names]
 
 
 @dataclass(slots=True)
