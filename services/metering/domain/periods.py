@@ -53,6 +53,7 @@ def local_day(moment: datetime, tz: str) -> date:
     return day
 
 
+@lru_cache(maxsize=4096)  # rating asks once or twice per event; date.replace is slow
 def month_of(day: date) -> date:
     return day.replace(day=1)
 
