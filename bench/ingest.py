@@ -7,7 +7,9 @@ Prints, in one run on this machine:
     (default 5,000 events/s);
   * baselines measured in the same run: the raw consume rate from the broker (no work), and
     the raw COPY rate of the same rows (usage_events + ledger_entries) into PostgreSQL;
-  * the ratio of the pipeline to those baselines, and peak memory.
+  * the ratio of the pipeline to those baselines, and peak memory;
+  * the CPU each event cost the consumer, PostgreSQL and the broker while the pipeline ran,
+    and the rate the machine's cores could give at that cost.
 
 Run:  python bench/ingest.py [--events 1000000] [--keys 10000] [--rate 5000] [--seconds 20]
                              [--members N] [--consumers N]
@@ -36,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import asyncpg  # noqa: E402
+import psutil  # noqa: E402
 import psycopg  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
@@ -142,7 +145,55 @@ async def raw_consume_rate(bootstrap: str, topic: str, expected: int) -> float:
     return expected / elapsed
 
 
-async def pipeline_rate(settings, url: str, expected: int) -> tuple[float, list[UsageConsumer]]:
+class CpuMeter:
+    """CPU seconds spent between ``start`` and ``stop`` by the consumer (this process, or the
+    metering processes given), and by this machine's PostgreSQL and broker processes (none
+    found: an outside server, reported as n/a). A process that exits in between is missed."""
+
+    def __init__(self, consumer_pids: list[int] | None = None) -> None:
+        self.consumer_pids = consumer_pids
+        self._started: dict[tuple[str, int], float] = {}
+        self.spent: dict[str, float | None] = {}
+        self.events = 0
+
+    def _read(self) -> dict[tuple[str, int], float]:
+        now: dict[tuple[str, int], float] = {}
+        for proc in psutil.process_iter(["name", "cpu_times"]):
+            name, times = proc.info["name"] or "", proc.info["cpu_times"]
+            if times is None:
+                continue
+            role = ("postgres" if name == "postgres" else "broker" if name.startswith("tansu")
+                    else "consumer" if self.consumer_pids and proc.pid in self.consumer_pids else None)
+            if role:
+                now[(role, proc.pid)] = times.user + times.system
+        if self.consumer_pids is None:
+            now[("consumer", os.getpid())] = time.process_time()
+        return now
+
+    def start(self) -> None:
+        self._started = self._read()
+
+    def stop(self, events: int) -> None:
+        """``events``: how many were booked between start and stop."""
+        self.events = events
+        self.spent = {"consumer": None, "postgres": None, "broker": None}
+        for (role, pid), seconds in self._read().items():
+            self.spent[role] = (self.spent[role] or 0.0) + seconds - self._started.get((role, pid), 0.0)
+
+    def per_event_us(self) -> dict[str, float | None]:
+        return {role: None if s is None else round(s / self.events * 1e6, 1) for role, s in self.spent.items()}
+
+    def summary(self) -> str:
+        per_event = self.per_event_us()
+        parts = [f"{role} {'n/a' if us is None else f'{us:.1f} µs'}" for role, us in per_event.items()]
+        text = "CPU per event: " + ", ".join(parts)
+        if None not in per_event.values():
+            bound = (os.cpu_count() or 1) / sum(per_event.values()) * 1e6
+            text += f" — {os.cpu_count()} cores give at most {bound:,.0f} events/s at that cost"
+        return text
+
+
+async def pipeline_rate(settings, url: str, expected: int, cpu: CpuMeter) -> tuple[float, list[UsageConsumer]]:
     """The rate of this process's consumer members (``consumer_members``), as `tollhouse
     metering` runs them, from when all have their partitions to the last commit."""
     settle_heap()  # as `tollhouse metering` does once started
@@ -153,17 +204,19 @@ async def pipeline_rate(settings, url: str, expected: int) -> tuple[float, list[
     while sum(c.totals.received for c in consumers) < expected:
         if started is None and all(c.assigned.is_set() for c in consumers):
             started = time.perf_counter()
+            cpu.start()
         for task in tasks:
             if task.done():
                 task.result()
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started
+    cpu.stop(expected)
     stop.set()
     await asyncio.gather(*tasks)
     return expected / elapsed, consumers
 
 
-async def group_rate(settings, url: str, expected: int, consumers: int) -> float:
+async def group_rate(settings, url: str, expected: int, consumers: int) -> tuple[float, CpuMeter]:
     """``consumers`` real ``tollhouse metering --no-api`` processes in one consumer group: the
     rate from the first booked event to the last (counted in the database)."""
     env = {**os.environ, "TOLLHOUSE_DATABASE_URL": url, "TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
@@ -173,16 +226,20 @@ async def group_rate(settings, url: str, expected: int, consumers: int) -> float
            "TOLLHOUSE_CONSUMER_MEMBERS": str(settings.consumer_members), "TOLLHOUSE_LOG_LEVEL": "warning"}
     procs = [subprocess.Popen([sys.executable, "-m", "services.cli", "metering", "--no-api"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(consumers)]
+    cpu = CpuMeter([proc.pid for proc in procs])
     conn = await asyncpg.connect(url)
     try:
         started = None
         while (booked := await conn.fetchval("SELECT count(*) FROM usage_events")) < expected:
             if started is None and booked:
                 started, first = time.perf_counter(), booked
+                cpu.start()
             if any(proc.poll() is not None for proc in procs):
                 raise SystemExit("a metering process stopped early")
             await asyncio.sleep(0.05)
-        return (expected - first) / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        cpu.stop(expected - first)
+        return (expected - first) / elapsed, cpu
     finally:
         await conn.close()
         for proc in procs:
@@ -322,14 +379,16 @@ async def main() -> None:
         consume_rate = await raw_consume_rate(bootstrap, settings.usage_topic, args.events)
         print(f"  baseline raw consume: {consume_rate:,.0f} events/s", flush=True)
         if args.consumers == 1:
-            rate, consumers = await pipeline_rate(settings, url, args.events)
+            cpu = CpuMeter()
+            rate, consumers = await pipeline_rate(settings, url, args.events, cpu)
             print(f"  pipeline sustained:   {rate:,.0f} events/s  ({args.members} consumer members; accepted"
                   f" {sum(c.totals.accepted for c in consumers):,},"
                   f" dead-lettered {sum(c.totals.dead_lettered for c in consumers):,})", flush=True)
         else:
-            rate = await group_rate(settings, url, args.events, args.consumers)
+            rate, cpu = await group_rate(settings, url, args.events, args.consumers)
             print(f"  pipeline sustained:   {rate:,.0f} events/s  ({args.consumers} metering processes in one group,"
                   f" {args.members} members each)", flush=True)
+        print(f"    {cpu.summary()}", flush=True)
         copy_rate = await raw_copy_rate(url, args.events)
         print(f"  baseline raw COPY:    {copy_rate:,.0f} events/s (usage_events + ledger_entries rows)", flush=True)
 
@@ -346,12 +405,14 @@ async def main() -> None:
             "raw_copy_events_per_s": round(copy_rate), "ratio_to_copy": round(rate / copy_rate, 3),
             "ratio_to_consume": round(rate / consume_rate, 3),
             "latency": {k: round(v, 1) if isinstance(v, float) else v for k, v in latency.items()},
+            "cpu_us_per_event": cpu.per_event_us(),
             "peak_rss_mb": round(peak_mb), "cpus": os.cpu_count(),
         }
         print()
         print(f"sustained ingest        {rate:>10,.0f} events/s   (target ≥ 50,000)")
         print(f"raw COPY baseline       {copy_rate:>10,.0f} events/s   ratio {rate / copy_rate:.2f}")
         print(f"raw consume baseline    {consume_rate:>10,.0f} events/s   ratio {rate / consume_rate:.2f}")
+        print(f"pipeline {cpu.summary()}")
         print(f"produce→commit @{args.rate:,}/s p50 {latency['p50_ms']:.1f} ms  p99 {latency['p99_ms']:.1f} ms"
               f"  (target p99 ≤ 250 ms, {latency['events']:,} events)")
         print(f"peak RSS                {peak_mb:>10,.0f} MB")
