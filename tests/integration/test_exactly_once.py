@@ -18,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from services.contracts.events import build_usage_event, encode_event
 from services.metering.consumer.worker import GAP_REREADS, UsageConsumer
@@ -248,6 +249,23 @@ async def test_a_fetch_that_starts_past_the_stored_offset_is_read_again(
         assert consumer.seeks_to_zero == 1 + GAP_REREADS
         booked = seed.rows(url, "SELECT request_id FROM ledger_entries WHERE entry_type = 'usage'")
         assert sorted(r[0] for r in booked) == sorted(f"gap-{i}" for i in range(booked_from, total))
+
+
+async def test_a_new_group_reads_from_offset_0_whatever_log_start_the_broker_reports(
+    database_url, broker, topic_names, monkeypatch
+) -> None:
+    url = database_url
+    total = 30
+    settings, charge, tokens = await produced_run(url, broker, topic_names, accounts=2, keys_per_account=2,
+                                                  partitions=2, total=total, seed_value=9, prefix="start")
+
+    async def ahead(self, partitions, timeout_ms=None):  # a broker whose report runs ahead of its log
+        return {tp: 3 for tp in partitions}
+
+    monkeypatch.setattr(AIOKafkaConsumer, "beginning_offsets", ahead)
+    consumer = await consume_until(settings, url, lambda c: c.totals.received >= total, timeout=60)
+    assert consumer.totals.accepted == total
+    assert_ledger(url, total, charge, tokens)
 
 
 async def test_a_consumer_that_lost_its_partition_cannot_commit_over_the_new_owner(database_url) -> None:

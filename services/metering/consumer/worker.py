@@ -125,10 +125,13 @@ class UsageConsumer:
                 partitions = [tp for tp in partitions if tp.partition not in self.positions]
             if not partitions:
                 return
-            beginnings = await self._consumer.beginning_offsets(partitions)
             conn = await self._connection()
             for tp in partitions:
-                offset = await stored_offset(conn, self.config.group, tp.topic, tp.partition, beginnings[tp])
+                # A partition without a stored offset is read from 0, not from the log start
+                # the broker reports: a report that runs ahead of what a reader can see would
+                # skip messages unseen. A log that no longer starts at 0 is a gap, stepped
+                # over after rereads, and its lost offsets are logged and counted.
+                offset = await stored_offset(conn, self.config.group, tp.topic, tp.partition, 0)
                 self._seek(tp, offset)
                 self.positions[tp.partition] = offset
         self.assigned.set()
@@ -313,7 +316,7 @@ class UsageConsumer:
         metrics.OFFSET_GAPS.labels("skipped").inc()
         metrics.OFFSETS_SKIPPED.inc(first - expected)
         self.log.error("offset_gap_skipped", partition=tp.partition, expected=expected, first=first,
-                  skipped=first - expected)
+                       skipped=first - expected)
         return True
 
     def _reread(self, tp: TopicPartition, expected: int, first: int, reread: int) -> None:
@@ -365,7 +368,7 @@ class UsageConsumer:
         try:
             await self._consumer.commit(offsets)
         except Exception as exc:  # informational copy only; the database is the truth
-            log.debug("kafka_commit_skipped", error=repr(exc))
+            self.log.debug("kafka_commit_skipped", error=repr(exc))
 
     def _observe(self, outcome: BatchOutcome, seconds: float, committed_at: datetime) -> None:
         t = self.totals
