@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     """Consumer group members each metering process runs, each with its own partitions, batches
     and database connection: while one member's batch waits on PostgreSQL another's is rated,
     so a process books faster with up to one member per partition it holds. Members beyond the
-    topic's partitions stand by."""
+    topic's partitions stand by. Under a backlog each member holds up to two batches in memory: the
+    one it books and the next, read ahead."""
     consumer_poll_ms: int = Field(default=50, ge=1, le=10_000)
     """Longest wait of one consumer poll for new messages, in milliseconds."""
     consumer_fetch_wait_ms: int = Field(default=20, ge=1, le=10_000)
