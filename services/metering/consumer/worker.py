@@ -208,7 +208,7 @@ class UsageConsumer:
             self.membership.failed(exc)
             self._take_up_at = time.monotonic() + self._take_up_delay
             self.log.error("partitions_not_taken_up", partitions=sorted(tp.partition for tp in missed),
-                      error=repr(exc), retry_in=self._take_up_delay)
+                           error=repr(exc), retry_in=self._take_up_delay)
             self._take_up_delay = min(self._take_up_delay * 2, RETRY_MAX_SECONDS)
             return
         self._take_up_delay = RETRY_MIN_SECONDS
