@@ -193,13 +193,21 @@ class CpuMeter:
         return text
 
 
-async def pipeline_rate(settings, url: str, expected: int, cpu: CpuMeter) -> tuple[float, list[UsageConsumer]]:
-    """The rate of this process's consumer members (``consumer_members``), as `tollhouse
-    metering` runs them, from when all have their partitions to the last commit."""
+def start_members(settings, url: str, stop: asyncio.Event, on_commit=None) -> tuple[list[UsageConsumer], list]:
+    """This process's consumer members (``consumer_members``), running as `tollhouse metering`
+    runs them until ``stop``; ``on_commit(outcome)`` is called after each committed batch."""
     settle_heap()  # as `tollhouse metering` does once started
     consumers = consumer_members(settings, url)
+    if on_commit is not None:
+        for consumer in consumers:
+            consumer.on_commit.append(on_commit)
+    return consumers, [asyncio.create_task(c.run(stop)) for c in consumers]
+
+
+async def pipeline_rate(settings, url: str, expected: int, cpu: CpuMeter) -> tuple[float, list[UsageConsumer]]:
+    """The rate of the consumer members from when all have their partitions to the last commit."""
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(c.run(stop)) for c in consumers]
+    consumers, tasks = start_members(settings, url, stop)
     started = None
     while sum(c.totals.received for c in consumers) < expected:
         if started is None and all(c.assigned.is_set() for c in consumers):
@@ -300,8 +308,6 @@ def _steady_producer(bootstrap: str, topic: str, keys: list, rate: int, seconds:
 
 
 async def latency_at_rate(settings, url: str, keys: list, rate: int, seconds: float) -> dict:
-    settle_heap()
-    consumers = consumer_members(settings, url)
     latencies: list[float] = []
 
     def record(outcome) -> None:
@@ -309,9 +315,7 @@ async def latency_at_rate(settings, url: str, keys: list, rate: int, seconds: fl
         latencies.extend((committed - t).total_seconds() for t in outcome.event_times)
 
     stop = asyncio.Event()
-    for consumer in consumers:
-        consumer.on_commit.append(record)
-    tasks = [asyncio.create_task(c.run(stop)) for c in consumers]
+    consumers, tasks = start_members(settings, url, stop, record)
     while not all(c.assigned.is_set() for c in consumers):
         await asyncio.sleep(0.05)
     proc = multiprocessing.get_context("spawn").Process(
