@@ -8,11 +8,11 @@ The checks that need the database (unknown key, unknown model, no price) live in
 from __future__ import annotations
 
 import hashlib
-import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal
 
 import msgspec
+import uuid_utils
 
 USAGE_TOPIC = "tollhouse.usage.v1"
 USAGE_DLQ_TOPIC = "tollhouse.usage.v1.dlq"
@@ -222,9 +222,10 @@ _encoder = msgspec.json.Encoder()
 
 
 def new_event_id() -> str:
-    """A fresh, time-ordered event id (UUIDv7 where Python has it, else v4)."""
-    maker = getattr(uuid, "uuid7", None)
-    return str(maker() if maker else uuid.uuid4())
+    """A fresh event id: a UUIDv7, which starts with the millisecond it was made. Ids made
+    close in time sort close together, so the ledger's unique index on them grows at its
+    right edge (and its recent pages stay in memory) instead of at random places."""
+    return str(uuid_utils.uuid7())
 
 
 def format_time(moment: datetime) -> str:
