@@ -9,7 +9,9 @@ Prints, in one run on this machine:
     the raw COPY rate of the same rows (usage_events + ledger_entries) into PostgreSQL;
   * the ratio of the pipeline to those baselines, and peak memory;
   * the CPU each event cost the consumer, PostgreSQL and the broker while the pipeline ran,
-    and the rate the machine's cores could give at that cost.
+    and the rate the machine's cores could give at that cost;
+  * what PostgreSQL wrote to its write-ahead log per event (bytes, records, full-page
+    images) and how many checkpoints ran meanwhile (single-process runs).
 
 Run:  python bench/ingest.py [--events 1000000] [--keys 10000] [--rate 5000] [--seconds 20]
                              [--members N] [--consumers N]
@@ -193,6 +195,39 @@ class CpuMeter:
         return text
 
 
+class WalMeter:
+    """What PostgreSQL wrote to its write-ahead log between ``start`` and ``stop``
+    (``pg_stat_wal``, server-wide): bytes and full-page images per event."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._started: tuple[int, int, int, int] | None = None
+        self.per_event: dict[str, float] = {}
+
+    async def _read(self) -> tuple[int, int, int, int]:
+        conn = await asyncpg.connect(self.url)
+        try:
+            row = await conn.fetchrow("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")
+            checkpoints = await conn.fetchval("SELECT num_timed + num_requested FROM pg_stat_checkpointer")
+        finally:
+            await conn.close()
+        return int(row[0]), int(row[1]), int(row[2]), int(checkpoints)
+
+    async def start(self) -> None:
+        self._started = await self._read()
+
+    async def stop(self, events: int) -> None:
+        now = await self._read()
+        records, fpi, wal_bytes, checkpoints = (b - a for a, b in zip(self._started, now))
+        self.per_event = {"wal_records": records / events, "wal_fpi": fpi / events, "wal_bytes": wal_bytes / events,
+                          "checkpoints": checkpoints}
+
+    def summary(self) -> str:
+        e = self.per_event
+        return (f"WAL per event: {e['wal_bytes']:,.0f} bytes, {e['wal_records']:.1f} records,"
+                f" {e['wal_fpi']:.3f} full-page images; {e['checkpoints']} checkpoints")
+
+
 def start_members(settings, url: str, stop: asyncio.Event, on_commit=None) -> tuple[list[UsageConsumer], list]:
     """This process's consumer members (``consumer_members``), running as `tollhouse metering`
     runs them until ``stop``; ``on_commit(outcome)`` is called after each committed batch."""
@@ -204,7 +239,8 @@ def start_members(settings, url: str, stop: asyncio.Event, on_commit=None) -> tu
     return consumers, [asyncio.create_task(c.run(stop)) for c in consumers]
 
 
-async def pipeline_rate(settings, url: str, expected: int, cpu: CpuMeter) -> tuple[float, list[UsageConsumer]]:
+async def pipeline_rate(settings, url: str, expected: int, cpu: CpuMeter,
+                        wal: WalMeter) -> tuple[float, list[UsageConsumer]]:
     """The rate of the consumer members from when all have their partitions to the last commit."""
     stop = asyncio.Event()
     consumers, tasks = start_members(settings, url, stop)
@@ -213,12 +249,14 @@ async def pipeline_rate(settings, url: str, expected: int, cpu: CpuMeter) -> tup
         if started is None and all(c.assigned.is_set() for c in consumers):
             started = time.perf_counter()
             cpu.start()
+            await wal.start()
         for task in tasks:
             if task.done():
                 task.result()
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started
     cpu.stop(expected)
+    await wal.stop(expected)
     stop.set()
     await asyncio.gather(*tasks)
     return expected / elapsed, consumers
@@ -383,8 +421,8 @@ async def main() -> None:
         consume_rate = await raw_consume_rate(bootstrap, settings.usage_topic, args.events)
         print(f"  baseline raw consume: {consume_rate:,.0f} events/s", flush=True)
         if args.consumers == 1:
-            cpu = CpuMeter()
-            rate, consumers = await pipeline_rate(settings, url, args.events, cpu)
+            cpu, wal = CpuMeter(), WalMeter(url)
+            rate, consumers = await pipeline_rate(settings, url, args.events, cpu, wal)
             print(f"  pipeline sustained:   {rate:,.0f} events/s  ({args.members} consumer members; accepted"
                   f" {sum(c.totals.accepted for c in consumers):,},"
                   f" dead-lettered {sum(c.totals.dead_lettered for c in consumers):,})", flush=True)
@@ -393,6 +431,8 @@ async def main() -> None:
             print(f"  pipeline sustained:   {rate:,.0f} events/s  ({args.consumers} metering processes in one group,"
                   f" {args.members} members each)", flush=True)
         print(f"    {cpu.summary()}", flush=True)
+        if args.consumers == 1:
+            print(f"    {wal.summary()}", flush=True)
         copy_rate = await raw_copy_rate(url, args.events)
         print(f"  baseline raw COPY:    {copy_rate:,.0f} events/s (usage_events + ledger_entries rows)", flush=True)
 
@@ -410,6 +450,7 @@ async def main() -> None:
             "ratio_to_consume": round(rate / consume_rate, 3),
             "latency": {k: round(v, 1) if isinstance(v, float) else v for k, v in latency.items()},
             "cpu_us_per_event": cpu.per_event_us(),
+            "wal_per_event": {k: round(v, 3) for k, v in wal.per_event.items()} if args.consumers == 1 else None,
             "peak_rss_mb": round(peak_mb), "cpus": os.cpu_count(),
         }
         print()
