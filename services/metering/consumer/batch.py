@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
+import msgspec
 
 from services.contracts.breaches import breach_message, breach_view, dead_letter_message
 from services.contracts.events import AcceptedEvent, InvalidEvent, Reason, decode_usage_event
@@ -26,22 +27,30 @@ from services.metering.domain.rating import (
     Usage,
     rate_usage,
 )
-from services.metering.store.ingest import IngestBatch, PriceCache
+from services.metering.domain.pricing import PriceRow
+from services.metering.store.ingest import IngestBatch, KeyRow, PriceCache
 from services.metering.store.quota import notify_quota, quota_notices
 
 UNKNOWN_SOURCE = "unknown"
 
 
-@dataclass(slots=True)
-class Record:
-    """One Kafka message as the consumer hands it over, and what the contract says of it."""
+class Record(msgspec.Struct, gc=False):
+    """One Kafka message as the consumer hands it over, what the contract says of it, and,
+    once it is found valid, its key and price.
+
+    A batch holds tens of thousands of these for its whole length, so they are kept out of
+    the garbage collector's sight (``gc=False``): nothing they hold refers back to them
+    (an ``invalid`` exception is stored without its traceback, whose frame would)."""
 
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp: int | None = None  # the Kafka message's, in ms
     accepted: AcceptedEvent | None = None
     invalid: InvalidEvent | None = None
+    api_key: KeyRow | None = None
+    price: PriceRow | None = None
 
 
 @dataclass(slots=True)
@@ -111,7 +120,7 @@ def judge_contract(records: list[Record], config: BatchConfig, now: datetime) ->
                     record.value, max_bytes=config.max_event_bytes, now=now, max_future=config.max_future
                 )
             except InvalidEvent as exc:
-                record.invalid = exc
+                record.invalid = exc.with_traceback(None)
 
 
 async def process_batch(
@@ -125,7 +134,7 @@ async def process_batch(
     now = datetime.now(timezone.utc)
     outcome = BatchOutcome(received=len(records))
     dead: list[_DeadLetter] = []
-    candidates: list[tuple[Record, AcceptedEvent]] = []
+    candidates: list[Record] = []
     first_seen: dict[str, bytes] = {}
     duplicate_sources: list[str] = []
 
@@ -140,7 +149,7 @@ async def process_batch(
         seen = first_seen.get(event.id)
         if seen is None:
             first_seen[event.id] = accepted.digest
-            candidates.append((record, accepted))
+            candidates.append(record)
         elif seen == accepted.digest:
             duplicate_sources.append(event.source)
         else:
@@ -149,20 +158,22 @@ async def process_batch(
     async with IngestBatch(conn) as uow:
         await uow.advance_offsets(config.group, config.topic, offsets)
         book = await prices.refresh(conn)
-        known = await uow.known_events([a.event.id for _, a in candidates])
-        fresh: list[tuple[Record, AcceptedEvent]] = []
-        for record, accepted in candidates:
+        known = await uow.known_events([r.accepted.event.id for r in candidates])
+        fresh: list[Record] = []
+        for record in candidates:
+            accepted = record.accepted
             digest = known.get(accepted.event.id)
             if digest is None:
-                fresh.append((record, accepted))
+                fresh.append(record)
             elif digest == accepted.digest:
                 duplicate_sources.append(accepted.event.source)
             else:
                 dead.append(_conflict(record, accepted))
 
-        keys = await uow.keys({a.event.data.key_id for _, a in fresh})
-        valid = []
-        for record, accepted in fresh:
+        keys = await uow.keys({r.accepted.event.data.key_id for r in fresh})
+        valid: list[Record] = []  # each with its api_key and price
+        for record in fresh:
+            accepted = record.accepted
             data = accepted.event.data
             key = keys.get(data.key_id)
             reason = detail = None
@@ -179,17 +190,19 @@ async def process_batch(
                     reason = Reason.NO_PRICE
                     detail = f"model {data.model!r} has no price effective at {accepted.event.time}"
                 else:
-                    valid.append((record, accepted, key, price))
+                    record.api_key, record.price = key, price
+                    valid.append(record)
             if reason is not None:
                 dead.append(_DeadLetter(record, reason, detail, accepted.event.id, accepted.event.source))
 
-        accounts = await uow.lock_accounts({key.account_id for _, _, key, _ in valid})
+        accounts = await uow.lock_accounts({r.api_key.account_id for r in valid})
         packages = await uow.packages(
-            {key.package_id for _, _, key, _ in valid if key.billing_mode == PACKAGE and key.package_id}
+            {r.api_key.package_id for r in valid if r.api_key.billing_mode == PACKAGE and r.api_key.package_id}
         )
         key_states: dict[str, KeyState] = {}
         wanted_spend = set()
-        for _, accepted, key, _ in valid:
+        for record in valid:
+            accepted, key = record.accepted, record.api_key
             if key.key_id not in key_states:
                 key_states[key.key_id] = KeyState(
                     key.key_id, key.account_id, key.billing_mode, key.package_id, key.daily_cap, key.monthly_cap
@@ -205,15 +218,18 @@ async def process_batch(
         breaches: list[Breach] = []
         rollup: dict[tuple, list[int]] = {}
         charges: dict[str, int] = {}
-        await uow.insert_usage_events([
-            (a.event.id, a.digest, a.event.data.account_id, a.event.source, a.event_time, r.partition, r.offset)
-            for r, a, _, _ in valid
-        ])
+        usage_rows = []
+        for record in valid:
+            a = record.accepted
+            usage_rows.append((a.event.id, a.digest, a.event.data.account_id, a.event.source, a.event_time,
+                               record.partition, record.offset))
+        await uow.insert_usage_events(usage_rows)
 
         def rated() -> Iterator[tuple]:
             """The ledger rows, rated in partition order as the COPY takes them: PostgreSQL
             writes the rows already sent while the next ones are rated."""
-            for record, accepted, key, price in valid:
+            for record in valid:
+                accepted, key, price = record.accepted, record.api_key, record.price
                 event, data, when = accepted.event, accepted.event.data, accepted.event_time
                 rating = rate_usage(
                     Usage(event.id, when, data.kind == "batch", data.prompt_tokens, data.completion_tokens,
@@ -297,15 +313,15 @@ async def process_batch(
         await uow.insert_outbox(outbox)
         for source in duplicate_sources:
             stats.add(source, DUPLICATE)
-        for _, accepted, _, _ in valid:
-            stats.add(accepted.event.source, ACCEPTED)
+        for record in valid:
+            stats.add(record.accepted.event.source, ACCEPTED)
         outcome.duplicates += len(duplicate_sources)
         outcome.accepted = len(valid)
         await uow.add_ingest_stats(stats.rows(), now.date())
         # Authorizers reload these accounts and release the reservations these events settle.
         if valid:
             await notify_quota(conn, quota_notices(
-                accounts, (a.event.data.reservation_id for _, a, _, _ in valid)))
+                accounts, (r.accepted.event.data.reservation_id for r in valid)))
     return outcome
 
 

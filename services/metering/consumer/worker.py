@@ -166,13 +166,13 @@ class UsageConsumer:
                     continue
                 # Every log line about this batch carries its id and the offsets it covers.
                 with structlog.contextvars.bound_contextvars(
-                    batch_id=new_id("bat"), offsets=_offset_ranges(fetched.batch)
+                    batch_id=new_id("bat"), offsets=_offset_ranges(fetched.records)
                 ):
                     try:
                         await self._book(fetched)
                         delay = RETRY_MIN_SECONDS
                     except Exception as exc:  # roll back to what the database holds and retry
-                        await self._rewind(fetched.batch)
+                        await self._rewind(fetched.records)
                         if isinstance(exc, Fenced):
                             metrics.BATCHES_FENCED.inc()
                             self.log.warning("batch_fenced", partition=exc.partition, expected=exc.expected)
@@ -237,16 +237,19 @@ class UsageConsumer:
                 if not batch:
                     continue
                 now = datetime.now(timezone.utc)
-                records: dict[int, list[Record]] = {}
+                records: dict[TopicPartition, list[Record]] = {}
                 for tp, messages in batch.items():
-                    judged = records[tp.partition] = []
+                    judged = records[tp] = []
                     for start in range(0, len(messages), DECODE_SLICE):
-                        chunk = [Record(tp.partition, m.offset, m.key, m.value)
+                        chunk = [Record(tp.partition, m.offset, m.key, m.value, m.timestamp)
                                  for m in messages[start:start + DECODE_SLICE]]
                         judge_contract(chunk, self.config, now)
                         judged += chunk
                         await asyncio.sleep(0)  # let the booking task move its SQL along
-                ahead.add(_Fetched(seeks, batch, records))
+                # Only the records are kept from here on: aiokafka's message objects are
+                # let go now rather than live, watched by the garbage collector, until booked.
+                del batch, messages
+                ahead.add(_Fetched(seeks, records))
         except Exception as exc:  # the booking loop re-raises it
             ahead.fail(exc)
 
@@ -265,18 +268,18 @@ class UsageConsumer:
         records: list[Record] = []
         moves: dict[int, tuple[int, int]] = {}
         produced_at: list[int] = []  # Kafka timestamp (ms) of each partition's oldest message
-        for tp, messages in fetched.batch.items():
-            if tp.partition not in self.positions or not messages:
+        for tp, judged in fetched.records.items():
+            if tp.partition not in self.positions or not judged:
                 continue  # revoked while fetched
             if fetched.seeks[tp.partition] != self._seeks.get(tp.partition, 0):
                 continue  # sought since: the fetcher reads these again from the new position
             expected = self.positions[tp.partition]
-            fresh = [r for r in fetched.records[tp.partition] if r.offset >= expected]
+            fresh = [r for r in judged if r.offset >= expected]
             if not fresh:
                 continue
             if fresh[0].offset > expected and not self._step_over_gap(tp, expected, fresh[0].offset):
                 continue
-            first = messages[len(messages) - len(fresh)]
+            first = fresh[0]
             if first.timestamp is not None and first.timestamp > 0:
                 produced_at.append(first.timestamp)
             run = _contiguous(fresh)
@@ -341,7 +344,7 @@ class UsageConsumer:
         self._consumer.seek(tp, offset)
         self._seeks[tp.partition] = self._seeks.get(tp.partition, 0) + 1
 
-    async def _rewind(self, batch: dict[TopicPartition, list]) -> None:
+    async def _rewind(self, batch: dict[TopicPartition, list[Record]]) -> None:
         """After a rollback, read again from the offsets the database holds."""
         assert self._consumer is not None
         async with self.offsets_lock:
@@ -407,8 +410,7 @@ def consumer_members(settings: Settings, database_url: str) -> list[UsageConsume
 @dataclass(slots=True)
 class _Fetched:
     seeks: dict[int, int]  # partition → its seek count when the messages were fetched
-    batch: dict[TopicPartition, list]  # the messages as fetched
-    records: dict[int, list[Record]]  # partition → the same messages, judged
+    records: dict[TopicPartition, list[Record]]  # the messages as fetched, judged
 
 
 class _NextBatch:
@@ -424,19 +426,17 @@ class _NextBatch:
         self._taken = asyncio.Event()
 
     def add(self, fetched: _Fetched) -> None:
-        self.messages += sum(len(m) for m in fetched.batch.values())
+        self.messages += sum(len(r) for r in fetched.records.values())
         if self._fetched is None:
             self._fetched = fetched
         else:
             held = self._fetched
-            for tp, messages in fetched.batch.items():
+            for tp, records in fetched.records.items():
                 seeks = fetched.seeks[tp.partition]
-                if tp in held.batch and held.seeks[tp.partition] == seeks:
-                    held.batch[tp].extend(messages)
-                    held.records[tp.partition].extend(fetched.records[tp.partition])
+                if tp in held.records and held.seeks[tp.partition] == seeks:
+                    held.records[tp].extend(records)
                 else:  # new, or sought since: what was held of it is stale
-                    held.batch[tp] = messages
-                    held.records[tp.partition] = fetched.records[tp.partition]
+                    held.records[tp] = records
                     held.seeks[tp.partition] = seeks
         self._ready.set()
 
@@ -475,9 +475,9 @@ def _contiguous(records: list[Record]) -> int:
     return len(records)
 
 
-def _offset_ranges(batch: dict[TopicPartition, list]) -> dict[str, list[int]]:
+def _offset_ranges(records: dict[TopicPartition, list[Record]]) -> dict[str, list[int]]:
     """``{"3": [first, last]}``: the offsets fetched per partition, for the log."""
-    return {str(tp.partition): [messages[0].offset, messages[-1].offset] for tp, messages in batch.items() if messages}
+    return {str(tp.partition): [r[0].offset, r[-1].offset] for tp, r in records.items() if r}
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
