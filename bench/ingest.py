@@ -427,11 +427,12 @@ async def main() -> None:
                   f" {sum(c.totals.accepted for c in consumers):,},"
                   f" dead-lettered {sum(c.totals.dead_lettered for c in consumers):,})", flush=True)
         else:
+            wal = None  # the WAL is read in the single-process run only
             rate, cpu = await group_rate(settings, url, args.events, args.consumers)
             print(f"  pipeline sustained:   {rate:,.0f} events/s  ({args.consumers} metering processes in one group,"
                   f" {args.members} members each)", flush=True)
         print(f"    {cpu.summary()}", flush=True)
-        if args.consumers == 1:
+        if wal is not None:
             print(f"    {wal.summary()}", flush=True)
         copy_rate = await raw_copy_rate(url, args.events)
         print(f"  baseline raw COPY:    {copy_rate:,.0f} events/s (usage_events + ledger_entries rows)", flush=True)
@@ -450,7 +451,7 @@ async def main() -> None:
             "ratio_to_consume": round(rate / consume_rate, 3),
             "latency": {k: round(v, 1) if isinstance(v, float) else v for k, v in latency.items()},
             "cpu_us_per_event": cpu.per_event_us(),
-            "wal_per_event": {k: round(v, 3) for k, v in wal.per_event.items()} if args.consumers == 1 else None,
+            "wal_per_event": {k: round(v, 3) for k, v in wal.per_event.items()} if wal is not None else None,
             "peak_rss_mb": round(peak_mb), "cpus": os.cpu_count(),
         }
         print()

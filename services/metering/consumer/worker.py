@@ -344,20 +344,20 @@ class UsageConsumer:
         self._consumer.seek(tp, offset)
         self._seeks[tp.partition] = self._seeks.get(tp.partition, 0) + 1
 
-    async def _rewind(self, batch: dict[TopicPartition, list[Record]]) -> None:
+    async def _rewind(self, records: dict[TopicPartition, list[Record]]) -> None:
         """After a rollback, read again from the offsets the database holds."""
         assert self._consumer is not None
         async with self.offsets_lock:
             try:
                 conn = await self._connection()
-                for tp in batch:
+                for tp in records:
                     if tp in self._consumer.assignment():
                         offset = await stored_offset(conn, self.config.group, tp.topic, tp.partition, 0)
                         self.positions[tp.partition] = offset
                         self._seek(tp, offset)
             except Exception as exc:
                 self._drop_connection()
-                for tp in batch:
+                for tp in records:
                     if tp.partition in self.positions and tp in self._consumer.assignment():
                         self._seek(tp, self.positions[tp.partition])
                 self.log.error("rewind_failed", error=repr(exc))
