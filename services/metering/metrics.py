@@ -29,6 +29,10 @@ CONSUMER_LAG = Gauge("tollhouse_consumer_lag", "Messages behind the partition en
 CONSUMER_PARTITIONS = Gauge("tollhouse_consumer_partitions",
                             "Usage-topic partitions assigned to this process's consumer members")
 BATCHES_FENCED = Counter("tollhouse_batches_fenced_total", "Batches rolled back: partition owned by another consumer")
+BATCHES_REBOOKED = Counter(
+    "tollhouse_batches_rebooked_total",
+    "Batches booked a second time with their event ids looked up: the first try met an event the ledger held",
+)
 OFFSET_GAPS = Counter("tollhouse_consumer_offset_gaps_total",
                       "Fetches that started past the stored offset, by outcome (reread, or skipped after rereads)",
                       ["outcome"])

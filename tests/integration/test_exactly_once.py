@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer
+from prometheus_client import REGISTRY
 
 from services.contracts.events import build_usage_event, encode_event
 from services.metering.consumer.worker import GAP_REREADS, UsageConsumer
@@ -99,6 +100,10 @@ def ledger_count(url: str) -> int:
     return seed.scalar(url, "SELECT count(*) FROM ledger_entries WHERE entry_type = 'usage'")
 
 
+def rebooked_batches() -> float:
+    return REGISTRY.get_sample_value("tollhouse_batches_rebooked_total") or 0.0
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -160,7 +165,11 @@ async def test_kill_9_at_several_points_then_redelivery_from_zero(database_url, 
     # Redeliver the whole topic from offset 0 (a new group has no stored offsets).
     replay = metering_settings(url, broker.bootstrap_servers, {**topic_names, "consumer_group": "replay-group"},
                                topic_partitions=4)
+    rebooked = rebooked_batches()
     consumer = await consume_until(replay, url, lambda c: c.totals.received >= total)
+    # The first batch is booked as new, meets the primary key, and is booked again with its
+    # ids looked up; every later batch finds booked events, so ids stay looked up in advance.
+    assert rebooked_batches() - rebooked == 1
     assert consumer.totals.duplicates == total
     assert consumer.totals.accepted == 0
     assert_ledger(url, total, charge, tokens)
@@ -228,6 +237,39 @@ class _FetcherJumpsAhead(UsageConsumer):
             if self.jumps_left > 0:
                 self.jumps_left -= 1
                 self._consumer.seek(tp, self.hole)
+
+
+async def test_events_sent_again_at_new_offsets_are_skipped_or_quarantined(database_url, broker, topic_names) -> None:
+    """A producer's retry puts a booked event at a new offset, which the stored offsets do
+    not catch: the event id does, whether the consumer looked ids up in advance or not."""
+    url = database_url
+    keys = seed_world(url, accounts=1, keys_per_account=2)
+    settings = metering_settings(url, broker.bootstrap_servers, topic_names, topic_partitions=1)
+    await create_topics(settings)
+    messages, charge, tokens = make_events(keys, 9, seed_value=11, prefix="retry")
+    conflicting = json.loads(messages[1][1])
+    conflicting["data"]["prompt_tokens"] += 1
+    conflicting["data"]["total_tokens"] += 1
+    consumer = UsageConsumer(settings, url)
+    rebooked = rebooked_batches()
+
+    async def deliver(batch: list[tuple[bytes, bytes]], received: int) -> None:
+        await produce(broker.bootstrap_servers, settings.usage_topic, batch)
+        await consume_until(settings, url, lambda c: c.totals.received >= received, timeout=60, consumer=consumer)
+
+    await deliver(messages[:5], 5)
+    assert rebooked_batches() - rebooked == 0  # all new: booked as new, nothing looked up
+    # Two new events, then event 0 sent again and event 1's id with another payload.
+    await deliver([*messages[5:7], messages[0], (messages[1][0], json.dumps(conflicting).encode())], 9)
+    assert rebooked_batches() - rebooked == 1
+    assert (consumer.totals.accepted, consumer.totals.duplicates, consumer.totals.conflicts) == (7, 1, 1)
+    await deliver(messages[7:9], 11)  # looked up in advance, none booked before: that stops
+    await deliver([messages[2]], 12)  # booked as new again, so the primary key finds it
+    assert rebooked_batches() - rebooked == 2
+    assert (consumer.totals.accepted, consumer.totals.duplicates, consumer.totals.conflicts) == (9, 2, 1)
+    assert_ledger(url, 9, charge, tokens)
+    reasons = seed.rows(url, "SELECT reason, event_id FROM dead_letters")
+    assert reasons == [("id_conflict", conflicting["id"])]
 
 
 @pytest.mark.parametrize(("times", "booked_from"), [(1, 0), (1_000, 7)], ids=["transient", "persistent"])

@@ -61,6 +61,7 @@ class BatchOutcome:
     conflicts: int = 0
     dead_lettered: int = 0
     breaches: int = 0
+    booked_before: int = 0  # events the ledger already held (counted only when ids were looked up)
     dead_letter_reasons: Counter = field(default_factory=Counter)
     breach_types: Counter = field(default_factory=Counter)
     event_times: list[datetime] = field(default_factory=list)
@@ -129,8 +130,15 @@ async def process_batch(
     offsets: dict[int, tuple[int, int]],
     config: BatchConfig,
     prices: PriceCache,
+    *,
+    look_up_ids: bool = True,
 ) -> BatchOutcome:
-    """Book ``records`` and move ``offsets`` ({partition: (expected, new)}) atomically."""
+    """Book ``records`` and move ``offsets`` ({partition: (expected, new)}) atomically.
+
+    ``look_up_ids=False`` skips asking the database which event ids it already holds and
+    lets the primary key of ``usage_events`` find out: a batch holding an event booked
+    before then fails with ``asyncpg.UniqueViolationError`` (see ``is_booked_before``) and
+    rolls back whole, and the caller books it again looking the ids up."""
     now = datetime.now(timezone.utc)
     outcome = BatchOutcome(received=len(records))
     dead: list[_DeadLetter] = []
@@ -158,17 +166,21 @@ async def process_batch(
     async with IngestBatch(conn) as uow:
         await uow.advance_offsets(config.group, config.topic, offsets)
         book = await prices.refresh(conn)
-        known = await uow.known_events([r.accepted.event.id for r in candidates])
-        fresh: list[Record] = []
-        for record in candidates:
-            accepted = record.accepted
-            digest = known.get(accepted.event.id)
-            if digest is None:
-                fresh.append(record)
-            elif digest == accepted.digest:
-                duplicate_sources.append(accepted.event.source)
-            else:
-                dead.append(_conflict(record, accepted))
+        if not look_up_ids:
+            fresh = candidates
+        else:
+            fresh = []
+            known = await uow.known_events([r.accepted.event.id for r in candidates])
+            outcome.booked_before = len(known)
+            for record in candidates:
+                accepted = record.accepted
+                digest = known.get(accepted.event.id)
+                if digest is None:
+                    fresh.append(record)
+                elif digest == accepted.digest:
+                    duplicate_sources.append(accepted.event.source)
+                else:
+                    dead.append(_conflict(record, accepted))
 
         keys = await uow.keys({r.accepted.event.data.key_id for r in fresh})
         valid: list[Record] = []  # each with its api_key and price
@@ -323,6 +335,12 @@ async def process_batch(
             await notify_quota(conn, quota_notices(
                 accounts, (r.accepted.event.data.reservation_id for r in valid)))
     return outcome
+
+
+def is_booked_before(exc: asyncpg.UniqueViolationError) -> bool:
+    """The violation is of ``usage_events``' primary key: the batch holds an event id the
+    ledger already has."""
+    return exc.constraint_name == "pk_usage_events"
 
 
 def book_breaches(breaches: list[Breach], topic: str, source: str) -> tuple[list[tuple], list[tuple]]:

@@ -14,6 +14,13 @@ batch that was cut while that one was booked. Each seek of a partition bumps tha
 the messages of a partition read ahead under an older count are dropped (the seek has
 already pointed the fetcher back at them), so nothing is skipped or booked twice.
 
+A batch is booked assuming its events are new: the primary key of the accepted events
+catches one that was booked before, and the batch is rolled back and booked again with its
+event ids looked up first (duplicates skipped, id conflicts quarantined). Offsets held in
+the same transaction mean a booked message is never read twice, so only a producer's
+retries or a replay bring booked events back; while batches keep finding them, ids are
+looked up in advance.
+
 Positions move under one lock: booking a batch, seeking to the stored offsets on
 assignment, and rewinding after a rollback never interleave, so a seek always reads what
 the last batch committed. A fetch that starts past the stored offset (a broker that made
@@ -36,7 +43,14 @@ from aiokafka.structs import OffsetAndMetadata
 
 from services.contracts.ids import new_id
 from services.metering import metrics
-from services.metering.consumer.batch import BatchConfig, BatchOutcome, Record, judge_contract, process_batch
+from services.metering.consumer.batch import (
+    BatchConfig,
+    BatchOutcome,
+    Record,
+    is_booked_before,
+    judge_contract,
+    process_batch,
+)
 from services.metering.consumer.membership import GroupMembership
 from services.metering.store.ingest import Fenced, PriceCache, connect, stored_offset
 from services.settings import Settings
@@ -104,6 +118,7 @@ class UsageConsumer:
         # partition may not follow on from the new position; the seek brings them again.
         self._seeks: dict[int, int] = {}
         self._gaps: dict[int, tuple[int, int]] = {}  # partition → (stored offset, rereads) of a gap
+        self._look_up_ids = False  # ask the database for booked event ids before booking a batch
         self._lag_reported_at = 0.0
         self._take_up_at = 0.0  # when to try again to take up partitions whose offsets were not read
         self._take_up_delay = RETRY_MIN_SECONDS
@@ -292,7 +307,18 @@ class UsageConsumer:
             return None
         started = time.perf_counter()
         conn = await self._connection()
-        outcome = await process_batch(conn, records, moves, self.config, self.prices)
+        try:
+            outcome = await process_batch(conn, records, moves, self.config, self.prices,
+                                          look_up_ids=self._look_up_ids)
+        except asyncpg.UniqueViolationError as exc:
+            if self._look_up_ids or not is_booked_before(exc):
+                raise
+            metrics.BATCHES_REBOOKED.inc()
+            self.log.info("batch_rebooked", events=len(records), reason="an event id the ledger already holds")
+            outcome = await process_batch(conn, records, moves, self.config, self.prices, look_up_ids=True)
+        # Redelivered events come in runs (a replay, a producer's retries): look ids up in
+        # advance while batches keep finding booked ones, and not otherwise.
+        self._look_up_ids = outcome.booked_before > 0
         committed_at = datetime.now(timezone.utc)
         for partition, (_, new) in moves.items():
             self.positions[partition] = new
