@@ -43,6 +43,30 @@ def test_migrations_build_the_schema_the_models_describe(database_url: str) -> N
             # autogenerate does not compare INCLUDE columns: check the ledger's covering index.
             definition = conn.exec_driver_sql(
                 "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_ledger_entries_account_event_time'").scalar()
+            # Nor storage parameters: the tables updated in place leave room in their pages.
+            roomy = {name for (name,) in conn.exec_driver_sql(
+                "SELECT relname FROM pg_class WHERE relkind = 'r' AND 'fillfactor=50' = ANY(reloptions)")}
     finally:
         engine.dispose()
     assert definition is not None and definition.endswith("(account_id, event_time) INCLUDE (entry_id)")
+    described = {t.name for t in Base.metadata.tables.values() if t.dialect_options["postgresql"]["with"]}
+    assert roomy == described
+    assert {"usage_daily", "key_spend", "account_balances"} <= described
+
+
+def test_migration_0004_downgrades_and_upgrades_again(database_url: str) -> None:
+    from alembic import command
+
+    from services.metering.store.migrate import alembic_config
+
+    def roomy() -> set[str]:
+        with psycopg.connect(database_url) as conn:
+            return {name for (name,) in conn.execute(
+                "SELECT relname FROM pg_class WHERE relkind = 'r' AND 'fillfactor=50' = ANY(reloptions)")}
+
+    assert "usage_daily" in roomy()
+    config = alembic_config(database_url)
+    command.downgrade(config, "20261122_0003")
+    assert roomy() == set()
+    command.upgrade(config, "head")
+    assert "usage_daily" in roomy()

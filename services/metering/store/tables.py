@@ -41,6 +41,10 @@ NAMING = {
 
 TS = DateTime(timezone=True)
 
+# Tables whose rows every consumer batch updates in place keep half of each page free, so an
+# updated row's new version stays in its page and no index changes (migration 0004).
+UPDATED_IN_PLACE = {"postgresql_with": {"fillfactor": 50}}
+
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
@@ -59,6 +63,7 @@ class AccountBalance(Base):
     """Projection: the account's balance and whether depletion was already recorded."""
 
     __tablename__ = "account_balances"
+    __table_args__ = UPDATED_IN_PLACE
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), primary_key=True)
     balance: Mapped[int] = mapped_column(BigInteger, server_default="0")
     balance_depleted: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
@@ -81,6 +86,7 @@ class PackageBalance(Base):
     """Projection: tokens used and expired, and which package breaches were recorded."""
 
     __tablename__ = "package_balances"
+    __table_args__ = UPDATED_IN_PLACE
     package_id: Mapped[str] = mapped_column(ForeignKey("packages.package_id"), primary_key=True)
     account_id: Mapped[str] = mapped_column(String(64))
     tokens_used: Mapped[int] = mapped_column(BigInteger, server_default="0")
@@ -227,6 +233,7 @@ class KeySpend(Base):
     """Projection: a key's PAYG spend per local day ('day') and month ('month')."""
 
     __tablename__ = "key_spend"
+    __table_args__ = UPDATED_IN_PLACE
     key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     period_type: Mapped[str] = mapped_column(String(8), primary_key=True)
     period_start: Mapped[date] = mapped_column(Date, primary_key=True)
@@ -239,7 +246,7 @@ class UsageDaily(Base):
     """Projection: usage rollup per key, model and local day."""
 
     __tablename__ = "usage_daily"
-    __table_args__ = (Index("ix_usage_daily_account_day", "account_id", "day"),)
+    __table_args__ = (Index("ix_usage_daily_account_day", "account_id", "day"), UPDATED_IN_PLACE)
     key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     model: Mapped[str] = mapped_column(String(256), primary_key=True)
     day: Mapped[date] = mapped_column(Date, primary_key=True)
@@ -293,6 +300,7 @@ class IngestStat(Base):
     """Counters per event source: received, accepted, duplicates, conflicts, dead-lettered."""
 
     __tablename__ = "ingest_stats"
+    __table_args__ = UPDATED_IN_PLACE
     source: Mapped[str] = mapped_column(String(256), primary_key=True)
     received: Mapped[int] = mapped_column(BigInteger, server_default="0")
     accepted: Mapped[int] = mapped_column(BigInteger, server_default="0")
@@ -305,7 +313,7 @@ class IngestStatDaily(Base):
     """The same counters per source and UTC day of processing (reconciliation windows)."""
 
     __tablename__ = "ingest_stats_daily"
-    __table_args__ = (PrimaryKeyConstraint("day", "source"),)  # day first: windows scan by day
+    __table_args__ = (PrimaryKeyConstraint("day", "source"), UPDATED_IN_PLACE)  # day first: windows scan by day
     source: Mapped[str] = mapped_column(String(256))
     day: Mapped[date] = mapped_column(Date)
     received: Mapped[int] = mapped_column(BigInteger, server_default="0")
@@ -319,6 +327,7 @@ class ConsumerOffset(Base):
     """The next offset to read per partition, written in the batch's own transaction."""
 
     __tablename__ = "consumer_offsets"
+    __table_args__ = UPDATED_IN_PLACE
     group_id: Mapped[str] = mapped_column(String(256), primary_key=True)
     topic: Mapped[str] = mapped_column(String(256), primary_key=True)
     topic_partition: Mapped[int] = mapped_column(Integer, primary_key=True)
