@@ -1,22 +1,24 @@
 """Ingest benchmark: Kafka → rated, committed ledger (projections included).
 
 Prints, in one run on this machine:
-  * sustained events/s of the metering consumer over N pre-produced events (default 1,000,000
-    across 10,000 keys), from the first fetch to the last commit;
+  * sustained events/s of the metering consumers over N pre-produced events (default 1,000,000
+    across 10,000 keys), from the first commit to the last: by default two `tollhouse
+    metering --no-api` processes of one consumer member each, in one consumer group (one
+    process per core: a process's Python runs on one core);
   * p50/p99 produce-to-commit latency while a separate process produces at a steady rate
-    (default 5,000 events/s);
+    (default 5,000 events/s), consumed by members in this process;
   * baselines measured in the same run: the raw consume rate from the broker (no work), and
     the raw COPY rate of the same rows (usage_events + ledger_entries) into PostgreSQL;
   * the ratio of the pipeline to those baselines, and peak memory;
-  * the CPU each event cost the consumer, PostgreSQL and the broker while the pipeline ran,
+  * the CPU each event cost the consumers, PostgreSQL and the broker while the pipeline ran,
     and the rate the machine's cores could give at that cost;
   * what PostgreSQL wrote to its write-ahead log per event (bytes, records, full-page
-    images) and how many checkpoints ran meanwhile (single-process runs).
+    images) and how many checkpoints ran meanwhile.
 
 Run:  python bench/ingest.py [--events 1000000] [--keys 10000] [--rate 5000] [--seconds 20]
-                             [--members N] [--consumers N]
-Starts its own embedded PostgreSQL and broker unless TOLLHOUSE_DATABASE_URL /
-TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS are set.
+                             [--consumers 2] [--members 1]
+Starts its own embedded PostgreSQL (PostgreSQL's default settings) and broker unless
+TOLLHOUSE_DATABASE_URL / TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS are set.
 """
 
 from __future__ import annotations
@@ -262,7 +264,7 @@ async def pipeline_rate(settings, url: str, expected: int, cpu: CpuMeter,
     return expected / elapsed, consumers
 
 
-async def group_rate(settings, url: str, expected: int, consumers: int) -> tuple[float, CpuMeter]:
+async def group_rate(settings, url: str, expected: int, consumers: int, wal: WalMeter) -> tuple[float, CpuMeter]:
     """``consumers`` real ``tollhouse metering --no-api`` processes in one consumer group: the
     rate from the first committed batch to the last. Progress is read from the group's
     committed offsets (a few rows), not by counting the ledger, whose scans would take CPU
@@ -285,11 +287,13 @@ async def group_rate(settings, url: str, expected: int, consumers: int) -> tuple
             if started is None and booked:
                 started, first = time.perf_counter(), booked
                 cpu.start()
+                await wal.start()
             if any(proc.poll() is not None for proc in procs):
                 raise SystemExit("a metering process stopped early")
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - started
         cpu.stop(expected - first)
+        await wal.stop(expected - first)
         return (expected - first) / elapsed, cpu
     finally:
         await conn.close()
@@ -384,11 +388,12 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--batch", type=int, default=Settings.model_fields["consumer_batch_max"].default)
     parser.add_argument("--latency-only", action="store_true", help="skip the throughput and baseline phases")
-    parser.add_argument("--consumers", type=int, default=1,
-                        help="for the sustained rate: consume in this process (1), or in N"
-                             " `tollhouse metering --no-api` processes")
-    parser.add_argument("--members", type=int, default=Settings.model_fields["consumer_members"].default,
-                        help="consumer group members per consuming process (CONSUMER_MEMBERS)")
+    parser.add_argument("--consumers", type=int, default=2,
+                        help="for the sustained rate: N `tollhouse metering --no-api` processes in one group"
+                             " (default 2, one per core of the 2-core machine the targets are set for);"
+                             " 1 consumes in this process")
+    parser.add_argument("--members", type=int, default=1,
+                        help="consumer group members per consuming process (CONSUMER_MEMBERS; default 1)")
     args = parser.parse_args()
     configure_logging("console", "warning")
 
@@ -425,20 +430,19 @@ async def main() -> None:
 
         consume_rate = await raw_consume_rate(bootstrap, settings.usage_topic, args.events)
         print(f"  baseline raw consume: {consume_rate:,.0f} events/s", flush=True)
+        wal = WalMeter(url)
         if args.consumers == 1:
-            cpu, wal = CpuMeter(), WalMeter(url)
+            cpu = CpuMeter()
             rate, consumers = await pipeline_rate(settings, url, args.events, cpu, wal)
             print(f"  pipeline sustained:   {rate:,.0f} events/s  ({args.members} consumer members; accepted"
                   f" {sum(c.totals.accepted for c in consumers):,},"
                   f" dead-lettered {sum(c.totals.dead_lettered for c in consumers):,})", flush=True)
         else:
-            wal = None  # the WAL is read in the single-process run only
-            rate, cpu = await group_rate(settings, url, args.events, args.consumers)
+            rate, cpu = await group_rate(settings, url, args.events, args.consumers, wal)
             print(f"  pipeline sustained:   {rate:,.0f} events/s  ({args.consumers} metering processes in one group,"
                   f" {args.members} members each)", flush=True)
         print(f"    {cpu.summary()}", flush=True)
-        if wal is not None:
-            print(f"    {wal.summary()}", flush=True)
+        print(f"    {wal.summary()}", flush=True)
         copy_rate = await raw_copy_rate(url, args.events)
         print(f"  baseline raw COPY:    {copy_rate:,.0f} events/s (usage_events + ledger_entries rows)", flush=True)
 
@@ -456,7 +460,7 @@ async def main() -> None:
             "ratio_to_consume": round(rate / consume_rate, 3),
             "latency": {k: round(v, 1) if isinstance(v, float) else v for k, v in latency.items()},
             "cpu_us_per_event": cpu.per_event_us(),
-            "wal_per_event": {k: round(v, 3) for k, v in wal.per_event.items()} if wal is not None else None,
+            "wal_per_event": {k: round(v, 3) for k, v in wal.per_event.items()},
             "peak_rss_mb": round(peak_mb), "cpus": os.cpu_count(),
         }
         print()
