@@ -9,7 +9,8 @@ Prints, in one run on this machine:
     (default 5,000 events/s), consumed by members in this process;
   * baselines measured in the same run: the raw consume rate from the broker (no work), and
     the raw COPY rate of the same rows (usage_events + ledger_entries) into PostgreSQL;
-  * the ratio of the pipeline to those baselines, and peak memory;
+  * the ratio of the pipeline to those baselines, and peak memory (of this process and of
+    each metering process);
   * the CPU each event cost the consumers, PostgreSQL and the broker while the pipeline ran,
     and the rate the machine's cores could give at that cost;
   * what PostgreSQL wrote to its write-ahead log per event (bytes, records, full-page
@@ -159,6 +160,7 @@ class CpuMeter:
         self._started: dict[tuple[str, int], float] = {}
         self.spent: dict[str, float | None] = {}
         self.events = 0
+        self.peak_rss_mb: list[float] = []  # of the metering processes, when measured
 
     def _read(self) -> dict[tuple[str, int], float]:
         now: dict[tuple[str, int], float] = {}
@@ -195,6 +197,14 @@ class CpuMeter:
             bound = (os.cpu_count() or 1) / sum(per_event.values()) * 1e6
             text += f" — {os.cpu_count()} cores give at most {bound:,.0f} events/s at that cost"
         return text
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The most memory process ``pid`` has held (Linux: VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
 class WalMeter:
@@ -294,6 +304,7 @@ async def group_rate(settings, url: str, expected: int, consumers: int, wal: Wal
         elapsed = time.perf_counter() - started
         cpu.stop(expected - first)
         await wal.stop(expected - first)
+        cpu.peak_rss_mb = [peak_rss_mb(proc.pid) for proc in procs]
         return (expected - first) / elapsed, cpu
     finally:
         await conn.close()
@@ -461,7 +472,8 @@ async def main() -> None:
             "latency": {k: round(v, 1) if isinstance(v, float) else v for k, v in latency.items()},
             "cpu_us_per_event": cpu.per_event_us(),
             "wal_per_event": {k: round(v, 3) for k, v in wal.per_event.items()},
-            "peak_rss_mb": round(peak_mb), "cpus": os.cpu_count(),
+            "peak_rss_mb": round(peak_mb), "metering_peak_rss_mb": [round(mb) for mb in cpu.peak_rss_mb],
+            "cpus": os.cpu_count(),
         }
         print()
         print(f"sustained ingest        {rate:>10,.0f} events/s   (target ≥ 50,000)")
@@ -470,7 +482,10 @@ async def main() -> None:
         print(f"pipeline {cpu.summary()}")
         print(f"produce→commit @{args.rate:,}/s p50 {latency['p50_ms']:.1f} ms  p99 {latency['p99_ms']:.1f} ms"
               f"  (target p99 ≤ 250 ms, {latency['events']:,} events)")
-        print(f"peak RSS                {peak_mb:>10,.0f} MB")
+        print(f"peak RSS                {peak_mb:>10,.0f} MB   (this process: the generator"
+              f"{', the consumers' if args.consumers == 1 else ''} and the latency phase's members)")
+        if cpu.peak_rss_mb:
+            print(f"peak RSS per metering process  {', '.join(f'{mb:,.0f} MB' for mb in cpu.peak_rss_mb)}")
         out = Path(__file__).resolve().parent / "results"
         out.mkdir(exist_ok=True)
         (out / "ingest.json").write_text(json.dumps(result, indent=2))
