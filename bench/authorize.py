@@ -25,7 +25,6 @@ import secrets
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -41,6 +40,7 @@ from services.metering.store.migrate import upgrade_to_head  # noqa: E402
 from services.runtime import ensure_database  # noqa: E402
 
 from loadgen import LoadGenerator, Phase, http_request, summary  # noqa: E402
+from scratch import scratch_dir  # noqa: E402
 
 NANO = 10**9
 GATEWAY_TOKEN = "bench-gateway-token"
@@ -106,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
 
     server = os.environ.get("TOLLHOUSE_DATABASE_URL") or start_embedded_postgres(
-        Path(tempfile.mkdtemp(prefix="tollhouse-bench-")) / "pg")
+        scratch_dir("tollhouse-bench-") / "pg")
     url = ensure_database(server, f"bench_{uuid.uuid4().hex[:8]}")
     upgrade_to_head(url)
     keys = seed(url, args.keys)

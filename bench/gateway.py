@@ -37,7 +37,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -54,6 +53,7 @@ from services.metering.store.migrate import upgrade_to_head  # noqa: E402
 from services.runtime import ensure_database  # noqa: E402
 
 from loadgen import LoadGenerator, Outcome, Phase, http_request, summary  # noqa: E402
+from scratch import scratch_dir  # noqa: E402
 
 NANO = 10**9
 GATEWAY_TOKEN = "bench-gateway-token"
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--profile-gateway", metavar="FILE", help="run the gateway under cProfile, stats to FILE")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="tollhouse-bench-gw-"))
+    work = scratch_dir("tollhouse-bench-gw-")
     broker = None
     bootstrap = os.environ.get("TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:

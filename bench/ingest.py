@@ -34,7 +34,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -55,6 +54,7 @@ from services.metering.consumer.worker import UsageConsumer, consumer_members  #
 from services.metering.store.migrate import upgrade_to_head  # noqa: E402
 from services.runtime import ensure_database, settle_heap  # noqa: E402
 from services.settings import Settings, load_settings  # noqa: E402
+from scratch import scratch_dir  # noqa: E402
 
 NANO = 10**9
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-3.5-turbo")
@@ -415,7 +415,7 @@ async def main() -> None:
         bootstrap = broker.bootstrap_servers
     try:
         server = os.environ.get("TOLLHOUSE_DATABASE_URL") or start_embedded_postgres(
-            Path(tempfile.mkdtemp(prefix="tollhouse-bench-")) / "pg")
+            scratch_dir("tollhouse-bench-") / "pg")
         url = ensure_database(server, f"bench_{uuid.uuid4().hex[:8]}")
         upgrade_to_head(url)
         keys = seed(url, args.keys)

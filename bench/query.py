@@ -45,6 +45,7 @@ from services.local_services import free_port, port_in_use, start_embedded_postg
 from services.metering.store.migrate import upgrade_to_head  # noqa: E402
 from services.metering.store.projections import rebuild_projections  # noqa: E402
 from services.runtime import ensure_database  # noqa: E402
+from scratch import scratch_dir  # noqa: E402
 
 NANO = 10**9
 BILLING_TOKEN = "bench-billing-token"
@@ -390,7 +391,7 @@ def main() -> None:
         url = args.reuse
     else:
         server = os.environ.get("TOLLHOUSE_DATABASE_URL") or start_embedded_postgres(
-            Path(tempfile.mkdtemp(prefix="tollhouse-bench-")) / "pg")
+            scratch_dir("tollhouse-bench-") / "pg")
         url = ensure_database(server, f"bench_{uuid.uuid4().hex[:8]}")
         print(f"building a ledger of {args.events:,} usage entries in {url}", flush=True)
         build_figures = build(url, args.events)
