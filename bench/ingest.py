@@ -3,8 +3,8 @@
 Prints, in one run on this machine:
   * sustained events/s of the metering consumers over N pre-produced events (default 1,000,000
     across 10,000 keys), from the first commit to the last: by default two `tollhouse
-    metering --no-api` processes of one consumer member each, in one consumer group (one
-    process per core: a process's Python runs on one core);
+    metering --no-api` processes, in one consumer group, of CONSUMER_MEMBERS members each as
+    `tollhouse metering` runs them (one process per core: a process's Python runs on one core);
   * p50/p99 produce-to-commit latency while a separate process produces at a steady rate
     (default 5,000 events/s), consumed by members in this process;
   * baselines measured in the same run: the raw consume rate from the broker (no work), and
@@ -17,7 +17,7 @@ Prints, in one run on this machine:
     images) and how many checkpoints ran meanwhile.
 
 Run:  python bench/ingest.py [--events 1000000] [--keys 10000] [--rate 5000] [--seconds 20]
-                             [--consumers 2] [--members 1]
+                             [--consumers 2] [--members 2]
 Starts its own embedded PostgreSQL (PostgreSQL's default settings) and broker unless
 TOLLHOUSE_DATABASE_URL / TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS are set.
 """
@@ -403,8 +403,9 @@ async def main() -> None:
                         help="for the sustained rate: N `tollhouse metering --no-api` processes in one group"
                              " (default 2, one per core of the 2-core machine the targets are set for);"
                              " 1 consumes in this process")
-    parser.add_argument("--members", type=int, default=1,
-                        help="consumer group members per consuming process (CONSUMER_MEMBERS; default 1)")
+    parser.add_argument("--members", type=int, default=Settings.model_fields["consumer_members"].default,
+                        help="consumer group members per consuming process (CONSUMER_MEMBERS; by default as"
+                             " `tollhouse metering` runs)")
     args = parser.parse_args()
     configure_logging("console", "warning")
 
