@@ -160,7 +160,6 @@ class CpuMeter:
         self._started: dict[tuple[str, int], float] = {}
         self.spent: dict[str, float | None] = {}
         self.events = 0
-        self.peak_rss_mb: list[float] = []  # of the metering processes, when measured
 
     def _read(self) -> dict[tuple[str, int], float]:
         now: dict[tuple[str, int], float] = {}
@@ -274,9 +273,10 @@ async def pipeline_rate(settings, url: str, expected: int, cpu: CpuMeter,
     return expected / elapsed, consumers
 
 
-async def group_rate(settings, url: str, expected: int, consumers: int, wal: WalMeter) -> tuple[float, CpuMeter]:
+async def group_rate(settings, url: str, expected: int, consumers: int,
+                     wal: WalMeter) -> tuple[float, CpuMeter, list[float]]:
     """``consumers`` real ``tollhouse metering --no-api`` processes in one consumer group: the
-    rate from the first committed batch to the last. Progress is read from the group's
+    rate from the first committed batch to the last, and each process's peak memory (MB). Progress is read from the group's
     committed offsets (a few rows), not by counting the ledger, whose scans would take CPU
     from the pipeline being measured."""
     env = {**os.environ, "TOLLHOUSE_DATABASE_URL": url, "TOLLHOUSE_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
@@ -304,8 +304,7 @@ async def group_rate(settings, url: str, expected: int, consumers: int, wal: Wal
         elapsed = time.perf_counter() - started
         cpu.stop(expected - first)
         await wal.stop(expected - first)
-        cpu.peak_rss_mb = [peak_rss_mb(proc.pid) for proc in procs]
-        return (expected - first) / elapsed, cpu
+        return (expected - first) / elapsed, cpu, [peak_rss_mb(proc.pid) for proc in procs]
     finally:
         await conn.close()
         for proc in procs:
@@ -443,6 +442,7 @@ async def main() -> None:
         consume_rate = await raw_consume_rate(bootstrap, settings.usage_topic, args.events)
         print(f"  baseline raw consume: {consume_rate:,.0f} events/s", flush=True)
         wal = WalMeter(url)
+        metering_peaks: list[float] = []  # MB per metering process (none when consuming here)
         if args.consumers == 1:
             cpu = CpuMeter()
             rate, consumers = await pipeline_rate(settings, url, args.events, cpu, wal)
@@ -450,7 +450,7 @@ async def main() -> None:
                   f" {sum(c.totals.accepted for c in consumers):,},"
                   f" dead-lettered {sum(c.totals.dead_lettered for c in consumers):,})", flush=True)
         else:
-            rate, cpu = await group_rate(settings, url, args.events, args.consumers, wal)
+            rate, cpu, metering_peaks = await group_rate(settings, url, args.events, args.consumers, wal)
             print(f"  pipeline sustained:   {rate:,.0f} events/s  ({args.consumers} metering processes in one group,"
                   f" {args.members} members each)", flush=True)
         print(f"    {cpu.summary()}", flush=True)
@@ -473,7 +473,7 @@ async def main() -> None:
             "latency": {k: round(v, 1) if isinstance(v, float) else v for k, v in latency.items()},
             "cpu_us_per_event": cpu.per_event_us(),
             "wal_per_event": {k: round(v, 3) for k, v in wal.per_event.items()},
-            "peak_rss_mb": round(peak_mb), "metering_peak_rss_mb": [round(mb) for mb in cpu.peak_rss_mb],
+            "peak_rss_mb": round(peak_mb), "metering_peak_rss_mb": [round(mb) for mb in metering_peaks],
             "cpus": os.cpu_count(),
         }
         print()
@@ -485,8 +485,8 @@ async def main() -> None:
               f"  (target p99 ≤ 250 ms, {latency['events']:,} events)")
         print(f"peak RSS                {peak_mb:>10,.0f} MB   (this process: the generator"
               f"{', the consumers' if args.consumers == 1 else ''} and the latency phase's members)")
-        if cpu.peak_rss_mb:
-            print(f"peak RSS per metering process  {', '.join(f'{mb:,.0f} MB' for mb in cpu.peak_rss_mb)}")
+        if metering_peaks:
+            print(f"peak RSS per metering process  {', '.join(f'{mb:,.0f} MB' for mb in metering_peaks)}")
         out = Path(__file__).resolve().parent / "results"
         out.mkdir(exist_ok=True)
         (out / "ingest.json").write_text(json.dumps(result, indent=2))
