@@ -21,10 +21,13 @@ How it writes: every statement is small and runs on the event loop's thread (one
 costs ~20 µs; handing work to a thread and back cost ~100 µs of CPU on the machines
 measured). Transactions commit to the write-ahead log without an fsync
 (``synchronous=NORMAL``); a write that must be durable before its caller goes on (a hold,
-an append, Batch API records) then waits for an fsync of the log, run on the loop once the
-callbacks already due have run, so that one fsync covers every write they made (group
-commit). A hold is stored after the call's request went upstream, so its fsync overlaps
-the upstream's work. SQLite's own checkpoints keep the log short (``CHECKPOINT_PAGES``).
+an append, Batch API records) then waits for an fsync of the log. The fsync is asked for
+once the callbacks already due have run, so that one fsync covers every write they made
+(group commit), and is done by a small child process (``FsyncWorker``), so the loop goes
+on serving calls meanwhile; one fsync runs at a time, and writes made while it runs wait
+for the next. Without the worker (it could not start, or it died) the fsync runs on the
+loop. A hold is stored after the call's request went upstream, so its fsync overlaps the
+upstream's work. SQLite's own checkpoints keep the log short (``CHECKPOINT_PAGES``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
+
+from services.gateway.fsync_worker import FsyncWorker
 
 T = TypeVar("T")
 
@@ -132,7 +137,7 @@ CHECKPOINT_PAGES = 256
 
 
 class Spool:
-    def __init__(self, path: Path, *, max_events: int, max_bytes: int) -> None:
+    def __init__(self, path: Path, *, max_events: int, max_bytes: int, fsync_worker: bool = True) -> None:
         self.path = Path(path)
         self.max_events = max_events
         self.max_bytes = max_bytes
@@ -145,7 +150,10 @@ class Spool:
         self._log_fd: int | None = None  # the write-ahead log, for fsync
         self._commits = 0  # transactions committed by this process
         self._synced = 0  # of which on disk
-        self._fsync: asyncio.Future | None = None  # the next fsync, due on the loop
+        self._fsync: asyncio.Future | None = None  # the next fsync, not yet started
+        self._in_flight: tuple[asyncio.Future, int] | None = None  # the worker's fsync, and the commits it covers
+        self._use_worker = fsync_worker
+        self._worker: FsyncWorker | None = None
         self.on_change: list[Callable[[], None]] = []
 
     # Life cycle
@@ -156,8 +164,18 @@ class Spool:
         except (sqlite3.Error, OSError) as exc:
             self._close()
             raise SpoolError(f"cannot open the spool {self.path}: {exc}") from exc
+        if self._use_worker:
+            self._start_worker()
         self._changed()
         return self
+
+    def _start_worker(self) -> None:
+        assert self._log_fd is not None
+        try:
+            self._worker = FsyncWorker(self._log_fd, self._worker_synced, self._worker_gone).start(
+                asyncio.get_running_loop())
+        except OSError as exc:
+            log.warning("spool_fsync_worker_not_started", error=repr(exc))
 
     def _open(self) -> tuple[int, int, int]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,11 +209,14 @@ class Spool:
         return count, size, released
 
     async def close(self) -> None:
-        if self._fsync is not None:
-            await asyncio.gather(self._fsync, return_exceptions=True)
+        pending = [f for f in (self._in_flight and self._in_flight[0], self._fsync) if f is not None]
+        await asyncio.gather(*pending, return_exceptions=True)
         self._close()
 
     def _close(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None
@@ -219,32 +240,70 @@ class Spool:
     def _committed(self) -> None:
         self._commits += 1
 
+    @property
+    def fsync_worker_pid(self) -> int | None:
+        """The fsync worker's process id; None when fsyncs run on the loop."""
+        return self._worker.pid if self._worker is not None and self._worker.alive else None
+
     async def _sync(self) -> None:
-        """Return once every transaction committed so far is on disk. The fsync runs on
-        the loop's thread, after the callbacks already due (so every write those make is
-        covered by the same fsync); it blocks the loop for its length, which costs less
-        than handing it to a thread and back."""
+        """Return once every transaction committed so far is on disk. The fsync starts
+        after the callbacks already due (so every write those make is covered by the same
+        fsync), or after the fsync running now, which may not cover them."""
         if self._synced >= self._commits:
             return
         if self._fsync is None:
             self._fsync = asyncio.get_running_loop().create_future()
             self._fsync.add_done_callback(_retrieve)
-            asyncio.get_running_loop().call_soon(self._fsync_now)
+            if self._in_flight is None:
+                asyncio.get_running_loop().call_soon(self._fsync_now)
         await asyncio.shield(self._fsync)  # a caller cancelled while waiting does not stop the fsync
 
     def _fsync_now(self) -> None:
         done, self._fsync = self._fsync, None
-        assert done is not None
+        if done is None or self._in_flight is not None:  # started already / starts when the running one ends
+            self._fsync = self._fsync or done
+            return
         upto = self._commits
+        if self._log_fd is None:
+            done.set_exception(SpoolError("the spool is closed"))
+            return
+        if self._worker is not None and self._worker.request():
+            self._in_flight = (done, upto)
+            return
+        self._fsync_here(done, upto)
+
+    def _fsync_here(self, done: asyncio.Future, upto: int) -> None:
+        """The fsync on the loop's thread (blocking it for the fsync's length)."""
         try:
             if self._log_fd is None:
                 raise SpoolError("the spool is closed")
             os.fsync(self._log_fd)
         except (OSError, SpoolError) as exc:
-            done.set_exception(exc if isinstance(exc, SpoolError) else SpoolError(f"spool fsync failed: {exc}"))
+            self._synced_upto(done, upto, exc)
             return
-        self._synced = max(self._synced, upto)
-        done.set_result(None)
+        self._synced_upto(done, upto, None)
+
+    def _synced_upto(self, done: asyncio.Future, upto: int, error: BaseException | None) -> None:
+        if error is None:
+            self._synced = max(self._synced, upto)
+            done.set_result(None)
+        else:
+            done.set_exception(error if isinstance(error, SpoolError) else SpoolError(f"spool fsync failed: {error}"))
+        if self._fsync is not None:  # writes made while this one ran
+            asyncio.get_running_loop().call_soon(self._fsync_now)
+
+    def _worker_synced(self, error: OSError | None) -> None:
+        assert self._in_flight is not None, "a reply from the fsync worker without a request"
+        (done, upto), self._in_flight = self._in_flight, None
+        self._synced_upto(done, upto, error)
+
+    def _worker_gone(self) -> None:
+        """The worker stopped answering: fsyncs run on the loop from now on, the one it
+        had open included (it may not have run)."""
+        log.warning("spool_fsync_worker_gone", pid=self._worker.pid if self._worker else None)
+        if self._in_flight is not None:
+            (done, upto), self._in_flight = self._in_flight, None
+            self._fsync_here(done, upto)
 
     # Limits
 
