@@ -2,7 +2,8 @@
 
 A call's event goes through the spool's hold (see ``Spool``): ``hold`` starts spooling
 the call's fallback event as the call goes upstream, ``settle`` puts the call's event in
-its place when it ends, ``release`` forgets it when the call never reached upstream.
+its place when it ends (``settle_soon``: as the reply is written, once the fallback is
+durable), ``release`` forgets it when the call never reached upstream.
 ``emit`` spools an event with nothing held before (a Batch API job's) and returns once it
 is durable. A sender task drains the spool in order to ``USAGE_TOPIC`` (message key = ``account_id``, ``acks=all``) and deletes
 rows only after the broker acknowledged them. While Kafka is unreachable the sender
@@ -101,6 +102,28 @@ class Emitter:
         stays held and is billed when the gateway next starts."""
         assert not held.finished, "a call's event is settled once"
         held.finished = True
+        await self._settle(held, event)
+
+    async def settle_soon(self, held: "Held", event: Callable[[], UsageEvent]) -> None:
+        """Return once the call is metered durably, so its reply may go, and leave the rest
+        of ``settle`` to a task of its own (shutdown waits for it): with the fallback on
+        disk, the call's event (``event()``, built there) replaces it as the reply is
+        written; if the process dies first, the fallback is billed. If the fallback could
+        not be spooled, the event is spooled durably before this returns (``SpoolError``
+        if that fails too)."""
+        assert not held.finished, "a call's event is settled once"
+        held.finished = True
+        try:
+            await asyncio.shield(held.task)
+        except SpoolError:
+            await self.emit(event())
+            return
+        self.detached(self._settle_built(held, event))
+
+    async def _settle_built(self, held: "Held", event: Callable[[], UsageEvent]) -> None:
+        await self._settle(held, event())
+
+    async def _settle(self, held: "Held", event: UsageEvent) -> None:
         try:
             seq = await asyncio.shield(held.task)
         except SpoolError:

@@ -18,7 +18,7 @@ import asyncio
 import collections
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httptools
 
@@ -247,10 +247,12 @@ class HTTPClient:
         self._closed = False
 
     async def request(self, method: str, path: str, *, headers: dict[str, str] | None = None, content: bytes = b"",
-                      params: dict[str, str] | None = None, stream: bool = False) -> Response:
+                      params: dict[str, str] | None = None, stream: bool = False,
+                      on_sent: Callable[[], None] | None = None) -> Response:
         """``path`` is relative to the base URL (``chat/completions`` under ``…/v1``);
         ``params`` become its query string. With ``stream`` the reply comes back after its
-        headers; otherwise after its body."""
+        headers; otherwise after its body. ``on_sent`` is called once the request is handed
+        to the connection, so its work overlaps the server's."""
         if params:
             path = f"{path}?{urllib.parse.urlencode(params)}"
         head = self._head(method, path, headers, content)
@@ -262,6 +264,8 @@ class HTTPClient:
         else:
             conn.transport.write(head + content)
         try:
+            if on_sent is not None:
+                on_sent()
             while not conn.headers_done:
                 if conn.failure is not None:
                     raise conn.failure

@@ -16,6 +16,7 @@ it starts again, rather than nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import urllib.parse
 import uuid
@@ -293,10 +294,16 @@ class Proxy:
 
     async def meter(self, call: Call, usage: Usage, *, status: str, estimated: bool = False,
                     request_id: str | None = None) -> None:
-        """Spool the call's usage event; if that fails the reply is withheld (503)."""
-        event = self.usage_event(call, usage, status=status, estimated=estimated, request_id=request_id)
+        """Meter the call before its reply goes: with a fallback held, once that is on disk
+        (the call's event replaces it as the reply is written, see ``Emitter.settle_soon``);
+        otherwise once the event is. If neither can be spooled the reply is withheld (503)."""
         try:
-            await self.record(call, event)
+            if call.held is not None:
+                await self.emitter.settle_soon(call.held, functools.partial(
+                    self.usage_event, call, usage, status=status, estimated=estimated, request_id=request_id))
+            else:
+                await self.emitter.emit(self.usage_event(call, usage, status=status, estimated=estimated,
+                                                         request_id=request_id))
         except SpoolError as exc:
             log.error("usage_event_not_spooled", error=str(exc), account_id=call.auth.account_id)
             raise TollhouseError(errors.UNAVAILABLE,
@@ -344,7 +351,6 @@ class Proxy:
         auth = await self.authorize(request, api_key, model, reserve)
         call = Call(endpoint, model, auth, prompt_estimate, count_inputs(endpoint, body), started=time.perf_counter())
         headers = _forward_headers(request, **{"content-type": "application/json"})
-        self.hold(call)
         try:
             if stream:
                 wants_usage = bool(options) and options.get("include_usage") is True
@@ -360,7 +366,7 @@ class Proxy:
     async def _unary(self, call: Call, raw: bytes, headers: dict[str, str]) -> Response:
         path = call.endpoint.removeprefix("/v1/")
         try:
-            upstream = await self.upstream.post(path, content=raw, headers=headers)
+            upstream = await self.upstream.post(path, content=raw, headers=headers, on_sent=lambda: self.hold(call))
         except HTTPError as exc:
             raise await self._upstream_failed(call, exc) from None
         metrics.upstream_seconds_of(call.endpoint).observe(time.perf_counter() - call.started)
@@ -396,7 +402,8 @@ class Proxy:
     async def _stream(self, call: Call, raw: bytes, headers: dict[str, str], wants_usage: bool) -> Response:
         path = call.endpoint.removeprefix("/v1/")
         try:
-            upstream = await self.upstream.request("POST", path, content=raw, headers=headers, stream=True)
+            upstream = await self.upstream.request("POST", path, content=raw, headers=headers, stream=True,
+                                                   on_sent=lambda: self.hold(call))
         except HTTPError as exc:
             raise await self._upstream_failed(call, exc) from None
         metrics.upstream_seconds_of(call.endpoint).observe(time.perf_counter() - call.started)
