@@ -118,6 +118,9 @@ class Emitter:
         except SpoolError:
             await self.emit(event())
             return
+        except asyncio.CancelledError:  # the call is being cancelled (shutdown): its event is spooled even so
+            self.detached(self._settle_built(held, event))
+            raise
         self.detached(self._settle_built(held, event))
 
     async def _settle_built(self, held: "Held", event: Callable[[], UsageEvent]) -> None:

@@ -1,11 +1,14 @@
 """How a call's event takes its fallback's place (Emitter.settle_soon): the caller (the
 reply) waits for the fallback to be on disk, not for the replacement; the replacement
 follows in a task that shutdown waits for; a fallback that could not be spooled makes the
-event itself durable first. A real spool file; no broker (the sender is not started)."""
+event itself durable first; a caller cancelled while it waits still gets its event
+spooled. A real spool file and fsync worker; no broker (the sender is not started)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import orjson
 import pytest
@@ -76,3 +79,23 @@ async def test_with_neither_spooled_the_reply_is_withheld(spool) -> None:
     await spool.close()
     with pytest.raises(SpoolError):
         await emitter.settle_soon(Held(event("cancelled", 0), failed), lambda: event("ok", 3))
+
+
+async def test_a_call_cancelled_while_its_fallback_is_fsynced_still_gets_its_event_spooled(spool) -> None:
+    emitter = Emitter(Settings(), spool)
+    real = event("ok", 5)
+    os.kill(spool.fsync_worker_pid, signal.SIGSTOP)  # the fallback's fsync stays open
+    try:
+        held = emitter.hold(event("cancelled", 0))
+        waiting = asyncio.ensure_future(emitter.settle_soon(held, lambda: real))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    finally:
+        os.kill(spool.fsync_worker_pid, signal.SIGCONT)
+    await emitter.stop(drain_seconds=0)  # waits for the event's task
+    assert spool.held == 0
+    [sent] = await sent_events(spool)
+    assert sent["id"] == real.id
