@@ -8,8 +8,9 @@ process of its own has neither problem: the loop writes one byte to a pipe and g
 the worker fsyncs and answers with one byte, which the loop reads when it next polls.
 
 Protocol: the parent writes a byte when it wants an fsync and never has more than one
-request open (the first, at start, shows the worker is ready and can fsync the file); the worker answers each read of the request pipe with one fsync and one
-reply byte, 0 when the fsync succeeded, else the error number (255 when it does not fit).
+request open (the first, at start, shows the worker is ready and can fsync the file); the
+worker answers each read of the request pipe with one fsync and one reply byte, 0 when the
+fsync succeeded, else the error number (255 when it does not fit).
 The worker stops when the request pipe reaches end of file, which is when the gateway
 closes it or dies. It ignores SIGINT and SIGTERM: the gateway decides when it stops, and
 meanwhile still needs its fsyncs.
@@ -155,8 +156,11 @@ class FsyncWorker:
             try:
                 self._process.wait(STOP_SECONDS)
             except subprocess.TimeoutExpired:  # stuck in an fsync of a failing disk
-                self._process.kill()
-                self._process.wait()
+                self._process.kill()  # takes effect when the fsync returns; not waited for
+                try:
+                    self._process.wait(STOP_SECONDS)
+                except subprocess.TimeoutExpired:
+                    pass
             self._process = None
 
     @property
