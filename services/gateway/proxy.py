@@ -297,13 +297,13 @@ class Proxy:
         """Meter the call before its reply goes: with a fallback held, once that is on disk
         (the call's event replaces it as the reply is written, see ``Emitter.settle_soon``);
         otherwise once the event is. If neither can be spooled the reply is withheld (503)."""
+        event = functools.partial(self.usage_event, call, usage, status=status, estimated=estimated,
+                                  request_id=request_id)
         try:
             if call.held is not None:
-                await self.emitter.settle_soon(call.held, functools.partial(
-                    self.usage_event, call, usage, status=status, estimated=estimated, request_id=request_id))
+                await self.emitter.settle_soon(call.held, event)
             else:
-                await self.emitter.emit(self.usage_event(call, usage, status=status, estimated=estimated,
-                                                         request_id=request_id))
+                await self.emitter.emit(event())
         except SpoolError as exc:
             log.error("usage_event_not_spooled", error=str(exc), account_id=call.auth.account_id)
             raise TollhouseError(errors.UNAVAILABLE,

@@ -259,15 +259,11 @@ class Spool:
         await asyncio.shield(self._fsync)  # a caller cancelled while waiting does not stop the fsync
 
     def _fsync_now(self) -> None:
+        """Start the next fsync: scheduled once for each, and only while none runs."""
         done, self._fsync = self._fsync, None
-        if done is None or self._in_flight is not None:  # started already / starts when the running one ends
-            self._fsync = self._fsync or done
-            return
+        assert done is not None and self._in_flight is None, "one fsync at a time"
         upto = self._commits
-        if self._log_fd is None:
-            done.set_exception(SpoolError("the spool is closed"))
-            return
-        if self._worker is not None and self._worker.request():
+        if self._log_fd is not None and self._worker is not None and self._worker.request():
             self._in_flight = (done, upto)
             return
         self._fsync_here(done, upto)
