@@ -85,7 +85,9 @@ async def run_metering(
             app.state.readiness = Readiness(lambda: database_ready(engine), broker=broker_probe,
                                             members=[c.membership for c in consumers])
         server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+            uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
+                           # Nothing here reads the client's address: no X-Forwarded-For rewriting per call.
+                           proxy_headers=False, server_header=False)
         )
         server.install_signal_handlers = lambda: None  # signals are ours
         tasks.append(asyncio.create_task(server.serve(), name="api"))

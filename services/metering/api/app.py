@@ -80,7 +80,7 @@ def create_app(
     """The metering API. ``app.state`` holds ``settings``, ``engine`` and ``admin_store``
     for routers' dependencies, and ``readiness`` (database only until the caller wires in
     the broker and consumer checks); the caller owns the engine (and disposes it)."""
-    app = FastAPI(
+    app = MeteringApp(
         title="Tollhouse metering",
         version="1",
         description="Usage metering for LLM APIs: control plane, authorization, billing queries.",
@@ -94,8 +94,9 @@ def create_app(
     app.state.readiness = Readiness(lambda: database_ready(engine))
     install_error_handlers(app)
     routers = list(routers)
-    if authorize.router in routers:  # innermost: inside the body limit and request ids
-        app.add_middleware(authorize.AuthorizeFrontDoor)
+    if authorize.router in routers:
+        app.fast_paths[("POST", authorize.PATH)] = RequestIds(
+            RequestBodyLimit(authorize.answer, max_bytes=settings.max_request_bytes))
     app.add_middleware(RequestBodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIds)
     app.include_router(operations_router())
@@ -106,6 +107,26 @@ def create_app(
         app.include_router(router)
     app.openapi = lambda: _openapi_with_error_shape(app)  # type: ignore[method-assign]
     return app
+
+
+class MeteringApp(FastAPI):
+    """FastAPI, but the routes in ``fast_paths`` (``POST /v1/authorize``, on every gateway
+    call's path) are answered by their own ASGI stack, ahead of FastAPI's per-request
+    layers (its telemetry check, body-limit and error middlewares, routing). That stack
+    applies the request id and body limit as on every route, and the app's exception
+    handlers."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fast_paths: dict[tuple[str, str], ASGIApp] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast = self.fast_paths.get((scope.get("method"), scope["path"])) if scope["type"] == "http" else None
+        if fast is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        await fast(scope, receive, send)
 
 
 # Health and metrics

@@ -12,7 +12,7 @@ import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, Strict
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from services.contracts.errors import INVALID_REQUEST, TollhouseError
 from services.metering.api.auth import GATEWAY, authenticate, role_checked_route
@@ -111,27 +111,19 @@ async def authorize(request: Request) -> Response:
     )
 
 
-class AuthorizeFrontDoor:
-    """Answers ``POST /v1/authorize`` without FastAPI's routing: the route's own handler,
-    role check and exception handlers, minus the route matching, which on this path cost
-    the process more CPU than the decision itself. Installed inside the request-id and
-    body-limit middlewares, so those apply as on every route; the FastAPI route stays for
-    the OpenAPI description (and answers if this is not installed)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        request = Request(scope, receive)
-        try:
-            authenticate(request, ROLES)
-            response = await authorize(request)
-        except Exception as exc:
-            response = await _handled(request, exc)
-        await response(scope, receive, send)
+async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+    """``POST /v1/authorize`` as a bare ASGI app: the route's own handler, role check and
+    the app's exception handlers, without FastAPI's routing and per-request layers, which
+    on this path cost the process more CPU than the decision itself. The app sends this
+    path's calls here (``MeteringApp``); the FastAPI route stays for the OpenAPI
+    description."""
+    request = Request(scope, receive)
+    try:
+        authenticate(request, ROLES)
+        response = await authorize(request)
+    except Exception as exc:
+        response = await _handled(request, exc)
+    await response(scope, receive, send)
 
 
 async def _handled(request: Request, exc: Exception) -> Response:
