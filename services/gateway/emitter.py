@@ -90,10 +90,7 @@ class Emitter:
     def hold(self, fallback: UsageEvent) -> "Held":
         """Start spooling a call's fallback event (what the call is billed as if this
         process dies before it ends); the call goes on meanwhile."""
-        task = asyncio.get_running_loop().create_task(
-            self.spool.hold(fallback.data.account_id.encode(), encode_event(fallback)), name="spool-hold")
-        task.add_done_callback(_retrieve)
-        return Held(fallback, task)
+        return Held(fallback, self.spool.hold(fallback.data.account_id.encode(), encode_event(fallback)))
 
     async def settle(self, held: "Held", event: UsageEvent) -> None:
         """Spool the call's event in place of its fallback. If the fallback could not be
@@ -114,7 +111,7 @@ class Emitter:
         assert not held.finished, "a call's event is settled once"
         held.finished = True
         try:
-            await asyncio.shield(held.task)
+            await asyncio.shield(held.row)
         except SpoolError:
             await self.emit(event())
             return
@@ -128,7 +125,7 @@ class Emitter:
 
     async def _settle(self, held: "Held", event: UsageEvent) -> None:
         try:
-            seq = await asyncio.shield(held.task)
+            seq = await asyncio.shield(held.row)
         except SpoolError:
             await self.emit(event)
             return
@@ -144,7 +141,7 @@ class Emitter:
         """Forget a call's fallback: the call never reached upstream, nothing is billed."""
         held.finished = True
         try:
-            seq = await asyncio.shield(held.task)
+            seq = await asyncio.shield(held.row)
         except SpoolError:
             return
         await self.spool.drop(seq)
@@ -300,13 +297,8 @@ class Held:
     """A call's fallback event, being spooled or spooled and held (see ``Emitter.hold``)."""
 
     fallback: UsageEvent
-    task: asyncio.Task  # the spool row, once held
+    row: asyncio.Future[int]  # the spool row, once on disk
     finished: bool = False  # settled or released
-
-
-def _retrieve(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 async def _stop_quietly(producer: AIOKafkaProducer) -> None:

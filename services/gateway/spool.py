@@ -33,6 +33,7 @@ upstream's work. SQLite's own checkpoints keep the log short (``CHECKPOINT_PAGES
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sqlite3
 import time
@@ -246,17 +247,23 @@ class Spool:
         return self._worker.pid if self._worker is not None and self._worker.alive else None
 
     async def _sync(self) -> None:
-        """Return once every transaction committed so far is on disk. The fsync starts
-        after the callbacks already due (so every write those make is covered by the same
-        fsync), or after the fsync running now, which may not cover them."""
+        """Return once every transaction committed so far is on disk."""
+        fsync = self._sync_soon()
+        if fsync is not None:
+            await asyncio.shield(fsync)  # a caller cancelled while waiting does not stop the fsync
+
+    def _sync_soon(self) -> asyncio.Future | None:
+        """The fsync that covers every transaction committed so far (None if they are all
+        on disk). It starts after the callbacks already due (so every write those make is
+        covered by the same fsync), or after the fsync running now, which may not cover them."""
         if self._synced >= self._commits:
-            return
+            return None
         if self._fsync is None:
             self._fsync = asyncio.get_running_loop().create_future()
             self._fsync.add_done_callback(_retrieve)
             if self._in_flight is None:
                 asyncio.get_running_loop().call_soon(self._fsync_now)
-        await asyncio.shield(self._fsync)  # a caller cancelled while waiting does not stop the fsync
+        return self._fsync
 
     def _fsync_now(self) -> None:
         """Start the next fsync: scheduled once for each, and only while none runs."""
@@ -327,10 +334,24 @@ class Spool:
         """
         await self._call(self._insert, key, value, False, durable=True)
 
-    async def hold(self, key: bytes, value: bytes) -> int:
-        """Store a call's fallback event, not to be sent while the call runs; return its
-        row (for ``settle`` or ``drop``) once it is on disk."""
-        return await self._call(self._insert, key, value, True, durable=True)
+    def hold(self, key: bytes, value: bytes) -> asyncio.Future[int]:
+        """Store a call's fallback event now, not to be sent while the call runs. The
+        future gives its row (for ``settle`` or ``drop``) once it is on disk, or the
+        ``SpoolError`` that kept it from there. Not a coroutine: the write and the start of
+        its fsync need no turn of the event loop of their own."""
+        row: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        row.add_done_callback(_retrieve)
+        try:
+            seq = self._insert(key, value, True)
+        except SpoolError as exc:
+            row.set_exception(exc)
+            return row
+        fsync = self._sync_soon()
+        if fsync is None:
+            row.set_result(seq)
+        else:
+            fsync.add_done_callback(functools.partial(_resolve, row, seq))
+        return row
 
     def _autocommit(self, statement: str, params: tuple) -> sqlite3.Cursor:
         """One statement, its own transaction (one call into SQLite instead of three)."""
@@ -544,6 +565,17 @@ class Spool:
         if self._conn is None:
             raise SpoolError("the spool is closed")
         return self._conn
+
+
+def _resolve(row: asyncio.Future, seq: int, fsync: asyncio.Future) -> None:
+    if row.done():
+        return
+    if fsync.cancelled():
+        row.cancel()
+    elif fsync.exception() is not None:
+        row.set_exception(fsync.exception())
+    else:
+        row.set_result(seq)
 
 
 def _retrieve(future: asyncio.Future) -> None:

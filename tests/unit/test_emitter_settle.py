@@ -52,7 +52,7 @@ async def test_the_reply_waits_for_the_fallback_and_the_event_replaces_it_right_
         return real
 
     await emitter.settle_soon(held, build)
-    assert held.task.done() and held.task.result() is not None  # the fallback is on disk
+    assert held.row.done() and held.row.result() is not None  # the fallback is on disk
     assert spool.held == 1 and built == []  # the replacement has not run yet: the reply goes first
     await emitter.stop(drain_seconds=0)  # waits for the replacement
     assert spool.held == 0 and built == [real.id]

@@ -12,6 +12,7 @@ import asyncio
 import errno
 import os
 import signal
+import sqlite3
 
 import pytest
 
@@ -112,6 +113,32 @@ async def test_a_closed_spool_refuses_durable_writes(tmp_path, fsync) -> None:
 
 
 # The fsync worker
+
+
+async def test_a_held_fallback_is_written_at_once_and_its_row_given_once_synced(tmp_path, fsync, requests) -> None:
+    """``hold`` writes before it returns and starts the fsync without a task of its own;
+    the row comes once the worker's fsync is done, and a failed write fails the future."""
+    spool = await opened(tmp_path, worker=True)
+    try:
+        os.kill(spool.fsync_worker_pid, signal.SIGSTOP)
+        try:
+            row = spool.hold(b"acc", b"fallback")
+            assert (spool.events, spool.held) == (1, 1)  # written before any turn of the loop
+            with sqlite3.connect(spool.path) as reader:
+                assert reader.execute("SELECT value, held FROM events").fetchall() == [(b"fallback", 1)]
+            await wait_until(lambda: len(requests) == 1)
+            await asyncio.sleep(0.05)
+            assert not row.done()  # not on disk until the worker's fsync answers
+        finally:
+            os.kill(spool.fsync_worker_pid, signal.SIGCONT)
+        seq = await asyncio.wait_for(row, 5)
+        await spool.settle(seq, b"acc", b"the call's event")
+        assert (spool.events, spool.held) == (1, 0)
+    finally:
+        await spool.close()
+    failed = spool.hold(b"acc", b"after close")
+    with pytest.raises(SpoolError):
+        await failed
 
 
 async def test_writes_made_together_share_one_fsync_of_the_worker_and_none_on_the_loop(
