@@ -55,7 +55,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         spool = await Spool(spool_path(settings), max_events=settings.spool_max_events,
-                            max_bytes=settings.spool_max_bytes).open()
+                            max_bytes=settings.spool_max_bytes, quiet=lambda: app.calls_in_flight <= 1).open()
         spool.on_change.append(_spool_gauges(settings, spool))
         spool.on_change[-1]()
         if spool.events:
@@ -96,6 +96,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    metrics.CALLS_IN_FLIGHT.labels(settings.gateway_id).set_function(lambda: app.calls_in_flight)
     _install_error_handlers(app)
 
     def proxy_of(request: Request) -> Proxy:
@@ -274,12 +275,22 @@ def _route_label(scope: Scope) -> str:
 class GatewayApp(FastAPI):
     """FastAPI, but every call is counted by route template, model and status here, and
     ``POST`` on the inference routes is answered here, with the same error handling as the
-    FastAPI routes (which stay, for every other method and for the OpenAPI description)."""
+    FastAPI routes (which stay, for every other method and for the OpenAPI description).
+    ``calls_in_flight`` counts the calls being answered (a stream until its end)."""
+
+    calls_in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in _UNCOUNTED:
             await super().__call__(scope, receive, send)
             return
+        self.calls_in_flight += 1
+        try:
+            await self._counted(scope, receive, send)
+        finally:
+            self.calls_in_flight -= 1
+
+    async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = 500
 
         async def counted_send(message: Message) -> None:

@@ -87,10 +87,12 @@ class Emitter:
         await self.spool.append(event.data.account_id.encode(), encode_event(event))
         self._spooled(event)
 
-    def hold(self, fallback: UsageEvent) -> "Held":
+    def hold(self, fallback: UsageEvent, *, streamed: bool = False) -> "Held":
         """Start spooling a call's fallback event (what the call is billed as if this
-        process dies before it ends); the call goes on meanwhile."""
-        return Held(fallback, self.spool.hold(fallback.data.account_id.encode(), encode_event(fallback)))
+        process dies before it ends); the call goes on meanwhile. A ``streamed`` call's
+        fsync never blocks the loop: its first bytes are passed on as they come."""
+        value = encode_event(fallback)
+        return Held(fallback, self.spool.hold(fallback.data.account_id.encode(), value, off_loop=streamed))
 
     async def settle(self, held: "Held", event: UsageEvent) -> None:
         """Spool the call's event in place of its fallback. If the fallback could not be

@@ -29,6 +29,8 @@ EVENTS_SENT = Counter("tollhouse_gateway_events_sent_total", "Usage events ackno
 SEND_FAILURES = Counter("tollhouse_gateway_send_failures_total", "Failed attempts to send spooled events to Kafka")
 SPOOL_EVENTS = Gauge("tollhouse_gateway_spool_events", "Usage events waiting in the spool", ["gateway_id"])
 SPOOL_BYTES = Gauge("tollhouse_gateway_spool_bytes", "Bytes of usage events waiting in the spool", ["gateway_id"])
+CALLS_IN_FLIGHT = Gauge("tollhouse_gateway_calls_in_flight", "Calls being answered (a stream until its end)",
+                        ["gateway_id"])
 KAFKA_CONNECTED = Gauge("tollhouse_gateway_kafka_connected", "1 while the last send to Kafka succeeded", ["gateway_id"])
 
 

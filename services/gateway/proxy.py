@@ -309,11 +309,11 @@ class Proxy:
             raise TollhouseError(errors.UNAVAILABLE,
                                  "The gateway could not record usage for this call. Retry shortly.") from None
 
-    def hold(self, call: Call) -> None:
+    def hold(self, call: Call, *, streamed: bool = False) -> None:
         """Start holding the call's fallback event, as it goes upstream."""
         fallback = self.usage_event(call, estimated_usage(call.prompt_estimate, 0), status="cancelled",
                                     estimated=True)
-        call.held = self.emitter.hold(fallback)
+        call.held = self.emitter.hold(fallback, streamed=streamed)
 
     async def record(self, call: Call, event: UsageEvent) -> None:
         """Spool the call's event: in place of its fallback if one is held."""
@@ -403,7 +403,7 @@ class Proxy:
         path = call.endpoint.removeprefix("/v1/")
         try:
             upstream = await self.upstream.request("POST", path, content=raw, headers=headers, stream=True,
-                                                   on_sent=lambda: self.hold(call))
+                                                   on_sent=lambda: self.hold(call, streamed=True))
         except HTTPError as exc:
             raise await self._upstream_failed(call, exc) from None
         metrics.upstream_seconds_of(call.endpoint).observe(time.perf_counter() - call.started)

@@ -3,9 +3,9 @@ file and job. One SQLite file (write-ahead log) under ``DATA_DIR``.
 
 A metered call is held here before it reaches upstream: ``hold`` stores the call's
 fallback event (what it is billed as if the gateway dies before it ends: status
-``cancelled``, the prompt estimate, ``usage_estimated``) and returns once that is durable
-(fsynced); the upstream request is sent meanwhile, so the fsync is not waited for on top of
-the call. When the call ends, ``settle`` replaces the fallback with the call's real event
+``cancelled``, the prompt estimate, ``usage_estimated``) at once, and its future gives the
+row once that is durable (fsynced); the upstream request is on its way meanwhile, so the
+fsync is not waited for on top of the call. When the call ends, ``settle`` replaces the fallback with the call's real event
 without an fsync of its own: a process that dies after it loses nothing (the write is in
 the operating system), and a power cut before the next fsync leaves the fallback, billed
 as the estimate, never nothing. A call that never reached upstream is ``drop``-ped. Held
@@ -23,9 +23,14 @@ measured). Transactions commit to the write-ahead log without an fsync
 (``synchronous=NORMAL``); a write that must be durable before its caller goes on (a hold,
 an append, Batch API records) then waits for an fsync of the log. The fsync is asked for
 once the callbacks already due have run, so that one fsync covers every write they made
-(group commit), and is done by a small child process (``FsyncWorker``), so the loop goes
-on serving calls meanwhile; one fsync runs at a time, and writes made while it runs wait
-for the next. Without the worker (it could not start, or it died) the fsync runs on the
+(group commit); one fsync runs at a time, and writes made while it runs wait for the next.
+Where it runs depends on what else the loop has to do (``quiet``, given by the gateway:
+no call but the one asking is in flight). When the loop is quiet the fsync runs on it: it
+blocks nothing else, and it ends sooner than a round trip to another process (two
+wake-ups, ~0.15 ms on the machines measured, against an fsync of ~0.2 ms). Otherwise, and
+when a write's caller needs the loop meanwhile (``hold(off_loop=True)``: a stream), a
+small child process (``FsyncWorker``) does it, and the loop goes on serving calls
+meanwhile. Without the worker (it could not start, or it died) every fsync runs on the
 loop. A hold is stored after the call's request went upstream, so its fsync overlaps the
 upstream's work. SQLite's own checkpoints keep the log short (``CHECKPOINT_PAGES``).
 """
@@ -138,7 +143,8 @@ CHECKPOINT_PAGES = 256
 
 
 class Spool:
-    def __init__(self, path: Path, *, max_events: int, max_bytes: int, fsync_worker: bool = True) -> None:
+    def __init__(self, path: Path, *, max_events: int, max_bytes: int, fsync_worker: bool = True,
+                 quiet: Callable[[], bool] | None = None) -> None:
         self.path = Path(path)
         self.max_events = max_events
         self.max_bytes = max_bytes
@@ -154,6 +160,8 @@ class Spool:
         self._fsync: asyncio.Future | None = None  # the next fsync, not yet started
         self._in_flight: tuple[asyncio.Future, int] | None = None  # the worker's fsync, and the commits it covers
         self._use_worker = fsync_worker
+        self._quiet = quiet  # True: an fsync on the loop would hold up nothing else (no other call in flight)
+        self._fsync_off_loop = False  # the next fsync covers a write whose caller needs the loop meanwhile
         self._worker: FsyncWorker | None = None
         self.on_change: list[Callable[[], None]] = []
 
@@ -270,7 +278,9 @@ class Spool:
         done, self._fsync = self._fsync, None
         assert done is not None and self._in_flight is None, "one fsync at a time"
         upto = self._commits
-        if self._log_fd is not None and self._worker is not None and self._worker.request():
+        busy = self._fsync_off_loop or self._quiet is None or not self._quiet()
+        self._fsync_off_loop = False
+        if busy and self._log_fd is not None and self._worker is not None and self._worker.request():
             self._in_flight = (done, upto)
             return
         self._fsync_here(done, upto)
@@ -334,11 +344,13 @@ class Spool:
         """
         await self._call(self._insert, key, value, False, durable=True)
 
-    def hold(self, key: bytes, value: bytes) -> asyncio.Future[int]:
+    def hold(self, key: bytes, value: bytes, *, off_loop: bool = False) -> asyncio.Future[int]:
         """Store a call's fallback event now, not to be sent while the call runs. The
         future gives its row (for ``settle`` or ``drop``) once it is on disk, or the
         ``SpoolError`` that kept it from there. Not a coroutine: the write and the start of
-        its fsync need no turn of the event loop of their own."""
+        its fsync need no turn of the event loop of their own. With ``off_loop`` its fsync
+        is left to the worker even when the loop is quiet: the caller needs the loop before
+        the fsync would end (a stream's first bytes)."""
         row: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         row.add_done_callback(_retrieve)
         try:
@@ -347,6 +359,7 @@ class Spool:
             row.set_exception(exc)
             return row
         fsync = self._sync_soon()
+        self._fsync_off_loop |= off_loop
         if fsync is None:
             row.set_result(seq)
         else:

@@ -600,6 +600,22 @@ async def test_health_readiness_and_metrics(stack: Stack) -> None:
     assert_error(unknown, 404, 5, "not_found")
 
 
+async def test_calls_in_flight_count_a_stream_until_its_end(stack: Stack) -> None:
+    """The count the spool asks before an fsync on the event loop (docs/gateway.md, The spool)."""
+    gauge = 'tollhouse_gateway_calls_in_flight{gateway_id="gw-test"}'
+    async with httpx.AsyncClient(base_url=stack.gateway_url) as client:
+        async with client.stream("POST", "/v1/chat/completions",
+                                 headers={"X-API-Key": PAYG, "X-Sim-Chunk-Delay-Ms": "20", "X-Sim-Reply-Tokens": "20"},
+                                 json={"model": "gpt-4o", "messages": MESSAGES, "stream": True}) as r:
+            assert r.status_code == 200
+            during = (await client.get("/metrics")).text
+            body = b"".join([piece async for piece in r.aiter_bytes()])
+        after = (await client.get("/metrics")).text
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert f"{gauge} 1.0" in during
+    assert f"{gauge} 0.0" in after
+
+
 # The whole path: gateway → broker → consumer → ledger → the next authorize
 
 

@@ -155,6 +155,28 @@ async def test_writes_made_together_share_one_fsync_of_the_worker_and_none_on_th
         await spool.close()
 
 
+async def test_the_fsync_runs_on_the_loop_while_it_is_quiet_and_in_the_worker_otherwise(
+        tmp_path, fsync, requests) -> None:
+    quiet = True
+    spool = await Spool(tmp_path / "spool.db", max_events=10_000, max_bytes=10**8, quiet=lambda: quiet).open()
+    try:
+        before = fsync.calls
+        await asyncio.gather(*(spool.append(b"acc", b"quiet %d" % i) for i in range(5)))
+        assert (fsync.calls - before, requests) == (1, [])  # one fsync, on the loop
+        quiet = False
+        await asyncio.gather(*(spool.append(b"acc", b"busy %d" % i) for i in range(5)))
+        assert fsync.calls - before == 1 and requests == [spool.fsync_worker_pid]
+        quiet = True
+        assert await spool.hold(b"acc", b"fallback") > 0
+        assert fsync.calls - before == 2 and len(requests) == 1
+        assert await spool.hold(b"acc", b"a stream's fallback", off_loop=True) > 0  # its caller needs the loop
+        assert fsync.calls - before == 2 and len(requests) == 2
+        assert await spool.hold(b"acc", b"fallback") > 0
+        assert fsync.calls - before == 3 and len(requests) == 2
+    finally:
+        await spool.close()
+
+
 async def test_writes_made_while_the_worker_fsyncs_wait_for_the_next_fsync(tmp_path, fsync, requests) -> None:
     spool = await opened(tmp_path, worker=True)
     before = fsync.calls
