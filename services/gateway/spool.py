@@ -1,17 +1,17 @@
 """The gateway's durable local store: the usage-event spool, and who owns which Batch API
 file and job. One SQLite file (write-ahead log) under ``DATA_DIR``.
 
-A metered call is held here before it reaches upstream: ``hold`` stores the call's
-fallback event (what it is billed as if the gateway dies before it ends: status
-``cancelled``, the prompt estimate, ``usage_estimated``) at once, and its future gives the
-row once that is durable (fsynced); the upstream request is on its way meanwhile, so the
-fsync is not waited for on top of the call. When the call ends, ``settle`` replaces the fallback with the call's real event
-without an fsync of its own: a process that dies after it loses nothing (the write is in
-the operating system), and a power cut before the next fsync leaves the fallback, billed
-as the estimate, never nothing. A call that never reached upstream is ``drop``-ped. Held
-rows are not sent; when the spool is opened, holds left by a previous process are
-released as their fallback events. Events with nothing to hold (a Batch API job's) are
-``append``-ed, durable on return.
+A metered call is held here as it goes upstream: ``hold`` stores the call's fallback
+event (what it is billed as if the gateway dies before it ends: status ``cancelled``, the
+prompt estimate, ``usage_estimated``) at once, and its future gives the row once that is
+durable (fsynced); the upstream request is on its way meanwhile, so the fsync is not
+waited for on top of the call. When the call ends, ``settle`` replaces the fallback with
+the call's real event without an fsync of its own: a process that dies after it loses
+nothing (the write is in the operating system), and a power cut before the next fsync
+leaves the fallback, billed as the estimate, never nothing. A call that never reached
+upstream is ``drop``-ped. Held rows are not sent; when the spool is opened, holds left by
+a previous process are released as their fallback events. Events with nothing to hold
+(a Batch API job's) are ``append``-ed, durable on return.
 
 The emitter sends released rows to Kafka in order and deletes them only after the broker
 acknowledged them. When Kafka is unreachable rows accumulate; past ``SPOOL_MAX_EVENTS`` /
