@@ -146,6 +146,20 @@ def _counters(servers: dict[str, subprocess.Popen], gateway_metrics: str) -> dic
     return out
 
 
+def _stalls(work: Path, windows: list[tuple[str, float, float]]) -> list[dict]:
+    """The servers' ``event_loop_stalled`` log lines, each with the phase it fell in."""
+    found = []
+    for log in ("gateway", "metering", "upstream-sim"):
+        for line in (work / f"{log}.log").read_text(errors="replace").splitlines():
+            if '"event_loop_stalled"' not in line:
+                continue
+            stall = json.loads(line)
+            at = datetime.fromisoformat(stall["timestamp"]).timestamp()
+            stall["phase"] = next((name for name, start, end in windows if start <= at <= end), "between phases")
+            found.append(stall)
+    return sorted(found, key=lambda s: s["timestamp"])
+
+
 def _metric(url: str, name: str) -> float:
     return _metric_in(urllib.request.urlopen(url, timeout=10).read().decode(), name)
 
@@ -230,12 +244,15 @@ def run(args: argparse.Namespace, work: Path, bootstrap: str) -> None:
 
         outcomes: dict[str, list[Outcome]] = {}
         spent: dict[str, dict[str, float]] = {}  # per phase: CPU seconds per process, hop seconds
+        windows: list[tuple[str, float, float]] = []  # per phase: name, wall-clock start and end
         gateway_metrics = f"http://127.0.0.1:{gateway_port}/metrics"
         servers = {"gateway": gateway, "metering": procs[0], "upstream-sim": procs[1]}
         with LoadGenerator() as load:
             for phase in phases:
                 before = _counters(servers, gateway_metrics)
+                started = time.time()
                 outcome = load.run(phase)
+                windows.append((phase.name, started, time.time()))
                 if not phase.name.startswith("warm"):
                     outcomes.setdefault(phase.name, []).append(outcome)
                     after = _counters(servers, gateway_metrics)
@@ -257,6 +274,7 @@ def run(args: argparse.Namespace, work: Path, bootstrap: str) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    stalls = _stalls(work, windows)
     figures = {name: summary(o) for name, o in outcomes.items()}
     for name, f in figures.items():
         calls = max(1, f["requests"])
@@ -280,6 +298,7 @@ def run(args: argparse.Namespace, work: Path, bootstrap: str) -> None:
         "authorize_direct": {k: figures["metering authorize"][k] for k in ("p50_ms", "p99_ms")},
         "spool_commit": commit,
         "usage_events": {"spooled": spooled, "sent": sent, "gateway_requests": served},
+        "event_loop_stalls": stalls,
         "phases": figures,
     }
     print()
@@ -304,6 +323,11 @@ def run(args: argparse.Namespace, work: Path, bootstrap: str) -> None:
           f" p99 {commit['p99_ms']:.2f} ms")
     late = max(f.get("dispatch_late_p99_ms", 0.0) for f in figures.values())
     print(f"the load generator sent its requests at most {late:.3f} ms late (p99 of any steady phase)")
+    print(f"event-loop stalls (a server's loop late by over 50 ms): {len(stalls) or 'none'}")
+    for stall in stalls:
+        print(f"  {stall['service']:12s} in {stall['phase']}: late {stall['late_ms']:.0f} ms; over its"
+              f" {stall['window_ms']:.0f} ms tick the loop's thread computed {stall['cpu_ms']:.0f} ms, waited"
+              f" {stall['waited']}×, was preempted {stall['preempted']}×, {stall['page_faults']} page faults")
     print(f"usage events: {spooled:,.0f} spooled, {sent:,.0f} sent to the broker, "
           f"for {served:,.0f} gateway requests")
     out = Path(__file__).resolve().parent / "results"

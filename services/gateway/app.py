@@ -25,6 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from services.contracts import errors
 from services.contracts.errors import Canonical, ErrorKind, TollhouseError, error_body
+from services.event_loop import watching_event_loop
 from services.gateway import metrics
 from services.gateway.batches import BatchTracker
 from services.gateway.emitter import Emitter
@@ -353,7 +354,8 @@ async def run_gateway(settings: Settings, *, host: str = "127.0.0.1", port: int 
     log.info("gateway_started", url=f"http://{host}:{port}", gateway_id=settings.gateway_id,
              upstream=settings.upstream_base_url, metering=settings.metering_url)
     waiting = asyncio.create_task(stop.wait())
-    await asyncio.wait([serving, waiting], return_when=asyncio.FIRST_COMPLETED)
+    async with watching_event_loop("gateway"):
+        await asyncio.wait([serving, waiting], return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
     waiting.cancel()
     await serving

@@ -10,6 +10,7 @@ import asyncio
 
 import structlog
 
+from services.event_loop import watching_event_loop
 from services.metering.consumer.expiry import run_expiry_sweeper
 from services.metering.consumer.relay import OutboxRelay
 from services.metering.consumer.topics import ensure_topics
@@ -93,7 +94,8 @@ async def run_metering(
         tasks.append(asyncio.create_task(server.serve(), name="api"))
     settle_heap()
     log.info("metering_started", api=f"http://{host}:{port}" if serve_api else None)
-    done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
+    async with watching_event_loop("metering"):
+        done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
     for task in done:
         if task.get_name() != "api" and task.exception() is not None and task in tasks:
             log.error("task_failed", task=task.get_name(), error=repr(task.exception()))

@@ -37,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.event_loop import watching_event_loop
 from services.upstream_sim import replies
 from services.upstream_sim.batches import BatchRunner
 from services.upstream_sim.config import SimConfig
@@ -366,7 +367,8 @@ def create_app(config: SimConfig | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
+        async with watching_event_loop("upstream-sim"):
+            yield
         await sim.batches.stop()
 
     app = FastAPI(title="Tollhouse upstream simulator", version="1", lifespan=lifespan,
