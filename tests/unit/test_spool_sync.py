@@ -280,3 +280,30 @@ async def test_a_worker_that_cannot_fsync_the_file_is_not_started(tmp_path) -> N
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+# Checkpoints
+
+
+async def test_the_log_is_checkpointed_by_the_spools_thread_and_starts_over(tmp_path) -> None:
+    """No commit on the loop checkpoints (SQLite's automatic checkpoints are off); the
+    checkpointer thread copies the log into the database file, so the log starts over
+    instead of growing with every write."""
+    spool = await opened(tmp_path)
+    wal = tmp_path / "spool.db-wal"
+    try:
+        with sqlite3.connect(spool.path) as probe:
+            assert probe.execute("PRAGMA wal_autocheckpoint").fetchone() == (1000,)  # a new connection's default
+        assert spool._connection().execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        sizes = []
+        for burst in range(6):
+            await asyncio.gather(*(spool.append(b"acc", b"%d-%d " % (burst, i) + b"x" * 2000) for i in range(100)))
+            await asyncio.sleep(spool_module.CHECKPOINT_SECONDS * 3)
+            sizes.append(wal.stat().st_size)
+        # 600 commits of a 2 kB row each (a page or two of log apiece): over 4 MB of log
+        # without checkpoints; with them, each burst's log reuses the space of the one before
+        assert max(sizes) < 2 * 1024 * 1024, sizes
+        with sqlite3.connect(spool.path) as reader:
+            assert reader.execute("SELECT count(*) FROM events").fetchone() == (600,)
+    finally:
+        await spool.close()
