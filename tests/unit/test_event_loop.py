@@ -14,13 +14,12 @@ from services.event_loop import watching_event_loop
 
 
 def _lag_count() -> float:
-    return REGISTRY.get_sample_value("tollhouse_event_loop_lag_seconds_count") or 0.0
+    return REGISTRY.get_sample_value("tollhouse_event_loop_lag_seconds_count", {"service": "test"}) or 0.0
 
 
 def _stalls_above(seconds: str) -> float:
-    total = REGISTRY.get_sample_value("tollhouse_event_loop_lag_seconds_count") or 0.0
-    below = REGISTRY.get_sample_value("tollhouse_event_loop_lag_seconds_bucket", {"le": seconds}) or 0.0
-    return total - below
+    below = REGISTRY.get_sample_value("tollhouse_event_loop_lag_seconds_bucket", {"service": "test", "le": seconds})
+    return _lag_count() - (below or 0.0)
 
 
 async def _hold_loop(monkeypatch, hold) -> list[dict]:
