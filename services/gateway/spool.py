@@ -160,15 +160,22 @@ class _Checkpointer:
 
     def _run(self) -> None:
         done = 0
+        failing = False
         while not self._stop.wait(CHECKPOINT_SECONDS):
             upto = self._commits()
             if upto == done:
                 continue
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                done = upto
             except sqlite3.Error as exc:  # tried again next time; the log grows meanwhile
-                log.warning("spool_checkpoint_failed", error=repr(exc))
+                if not failing:
+                    log.warning("spool_checkpoint_failed", error=repr(exc))
+                failing = True
+                continue
+            if failing:
+                log.info("spool_checkpoint_recovered")
+            failing = False
+            done = upto
 
     def stop(self) -> None:
         self._stop.set()

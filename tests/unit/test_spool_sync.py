@@ -15,6 +15,7 @@ import signal
 import sqlite3
 
 import pytest
+from structlog.testing import capture_logs
 
 from services.gateway import spool as spool_module
 from services.gateway.fsync_worker import FsyncWorker
@@ -306,4 +307,28 @@ async def test_the_log_is_checkpointed_by_the_spools_thread_and_starts_over(tmp_
         with sqlite3.connect(spool.path) as reader:
             assert reader.execute("SELECT count(*) FROM events").fetchone() == (600,)
     finally:
+        await spool.close()
+
+
+async def test_a_failing_checkpoint_is_logged_once_until_one_succeeds(tmp_path) -> None:
+    class Refusing:
+        def execute(self, statement: str):
+            raise sqlite3.OperationalError("disk I/O error")
+
+    spool = await opened(tmp_path)
+    checkpointer = spool._checkpointer
+    assert checkpointer is not None
+    working, checkpointer._conn = checkpointer._conn, Refusing()
+    try:
+        with capture_logs() as logs:
+            for i in range(4):
+                await spool.append(b"acc", b"event %d" % i)
+                await asyncio.sleep(spool_module.CHECKPOINT_SECONDS * 2)
+            checkpointer._conn = working
+            await spool.append(b"acc", b"after")
+            await asyncio.sleep(spool_module.CHECKPOINT_SECONDS * 3)
+        events = [entry["event"] for entry in logs if entry["event"].startswith("spool_checkpoint")]
+        assert events == ["spool_checkpoint_failed", "spool_checkpoint_recovered"]
+    finally:
+        checkpointer._conn = working
         await spool.close()
